@@ -1,0 +1,52 @@
+"""The replicated expert-parallel MoE layer and its parts."""
+
+from moeless_jax.moe.config import MoEConfig
+from moeless_jax.moe.dispatch import Assignments, assign_slots, dispatch_capacity
+from moeless_jax.moe.experts import MLPWeights, grouped_swiglu, init_mlp_weights, swiglu
+from moeless_jax.moe.layer import (
+    EP_AXIS,
+    MoELayer,
+    MoEOutput,
+    MoEParams,
+    ShapeError,
+    call_dropless,
+    capacity_ladder,
+    make_ep_mesh,
+    moe_forward,
+)
+from moeless_jax.moe.reference import dense_moe_reference
+from moeless_jax.moe.replica_table import EMPTY, ReplicaTable, ReplicaTableError, TableArrays
+from moeless_jax.moe.router import Routing, route
+from moeless_jax.moe.slot_weights import Move, MovePlan, apply_moves, materialize_slot_weights, plan_moves
+
+__all__ = [
+    "EMPTY",
+    "EP_AXIS",
+    "Assignments",
+    "MLPWeights",
+    "MoEConfig",
+    "MoELayer",
+    "MoEOutput",
+    "MoEParams",
+    "Move",
+    "MovePlan",
+    "ReplicaTable",
+    "ReplicaTableError",
+    "Routing",
+    "ShapeError",
+    "TableArrays",
+    "apply_moves",
+    "assign_slots",
+    "call_dropless",
+    "capacity_ladder",
+    "dense_moe_reference",
+    "dispatch_capacity",
+    "grouped_swiglu",
+    "init_mlp_weights",
+    "make_ep_mesh",
+    "materialize_slot_weights",
+    "moe_forward",
+    "plan_moves",
+    "route",
+    "swiglu",
+]

@@ -1,0 +1,95 @@
+"""Configuration of one replicated MoE layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from moeless_jax.config import require
+
+RouterKind = Literal["mixtral", "deepseek"]
+Backend = Literal["dense", "ragged"]
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Shape and behaviour of an MoE layer served with expert parallelism over mesh axis ``ep``.
+
+    Attributes:
+      d_model: hidden size.
+      d_ff: hidden size of each routed SwiGLU expert.
+      num_experts: logical experts E.
+      top_k: experts per token.
+      num_devices: devices D on the ``ep`` axis.
+      slots_per_device: physical expert slots S per device (P = D * S >= E).
+      router: ``mixtral`` (top-k of logits, softmax over the chosen) or ``deepseek`` (softmax over all,
+        then top-k, renormalised when ``renormalize``).
+      renormalize: DeepSeek only: rescale the chosen weights to sum to 1.
+      num_shared_experts: always-active experts applied to every token (DeepSeek); their hidden size is
+        ``num_shared_experts * d_ff_shared``.
+      d_ff_shared: hidden size of each shared expert (defaults to ``d_ff``).
+      backend: ``dense`` (fixed-capacity all_to_all; runs everywhere) or ``ragged`` (ragged_all_to_all;
+        GPU/TPU only).
+      capacity_factor: dispatch buffer size relative to a perfectly balanced load. ``None`` sizes it for
+        the worst case, which can never overflow. A smaller buffer is faster; an overflow is counted and
+        reported, never dropped silently (see :mod:`moeless_jax.moe.dispatch`).
+      dtype: parameter and activation dtype.
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int
+    num_devices: int = 1
+    slots_per_device: int = 1
+    router: RouterKind = "mixtral"
+    renormalize: bool = True
+    num_shared_experts: int = 0
+    d_ff_shared: int | None = None
+    backend: Backend = "dense"
+    capacity_factor: float | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_ff", "num_experts", "top_k", "num_devices", "slots_per_device"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        require(
+            self.top_k <= self.num_experts,
+            "top_k",
+            f"{self.top_k} exceeds num_experts {self.num_experts}; choose top_k <= num_experts",
+        )
+        require(
+            self.num_devices * self.slots_per_device >= self.num_experts,
+            "slots_per_device",
+            f"{self.num_devices} devices x {self.slots_per_device} slots cannot hold {self.num_experts} "
+            f"experts once each; use slots_per_device >= {-(-self.num_experts // self.num_devices)}",
+        )
+        require(self.router in ("mixtral", "deepseek"), "router", f"'{self.router}' is not mixtral|deepseek")
+        require(self.backend in ("dense", "ragged"), "backend", f"'{self.backend}' is not dense|ragged")
+        require(
+            isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
+            "num_shared_experts",
+            f"must be a non-negative integer, got {self.num_shared_experts!r}",
+        )
+        require(
+            self.d_ff_shared is None or (isinstance(self.d_ff_shared, int) and self.d_ff_shared >= 1),
+            "d_ff_shared",
+            f"must be a positive integer or null, got {self.d_ff_shared!r}",
+        )
+        require(
+            self.capacity_factor is None or self.capacity_factor > 0,
+            "capacity_factor",
+            f"must be positive or null (worst-case buffer), got {self.capacity_factor!r}",
+        )
+        require(self.dtype in DTYPES, "dtype", f"'{self.dtype}' is not one of {DTYPES}")
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_devices * self.slots_per_device
+
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden size of the fused shared-expert MLP (0 without shared experts)."""
+        return self.num_shared_experts * (self.d_ff_shared or self.d_ff)

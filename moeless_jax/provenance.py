@@ -1,0 +1,84 @@
+"""Every result says what produced it: command, machine, date, software, and how it was obtained."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+Method = Literal["measured", "emulated", "simulated", "computed"]
+METHODS = ("measured", "emulated", "simulated", "computed")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def provenance(method: Method, *, device: str | None = None, note: str | None = None) -> dict[str, Any]:
+    """Who, what and how: attach this under ``"provenance"`` in every results JSON.
+
+    method: ``measured`` (timed on the hardware named), ``emulated`` (real kernels on one GPU, one
+    device's share at a time, modelled communication), ``simulated`` (latency model) or ``computed``
+    (host-side arithmetic on traces, e.g. balancedness of a plan).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    info: dict[str, Any] = {
+        "method": method,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "date_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "host": platform.node(),
+        "machine": f"{platform.system()} {platform.machine()}",
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+    }
+    try:
+        import jax
+
+        info["jax_version"] = jax.__version__
+        info["jax_backend"] = jax.default_backend()
+        info["device"] = device or jax.devices()[0].device_kind
+    except ImportError:  # planning-only results need no jax
+        info["device"] = device or "cpu"
+    if note:
+        info["note"] = note
+    return info
+
+
+def write_json(
+    path: str | Path,
+    summary: dict[str, Any],
+    *,
+    method: Method,
+    device: str | None = None,
+    note: str | None = None,
+) -> Path:
+    """Write ``summary`` plus its provenance to ``path`` (folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**summary, "provenance": provenance(method, device=device, note=note)}
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:
+        pass
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

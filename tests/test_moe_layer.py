@@ -1,0 +1,219 @@
+"""The replicated MoE layer against the dense reference: values, gradients, tables, counts, capacity."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moeless_jax.moe import (
+    MLPWeights,
+    MoEConfig,
+    MoEParams,
+    ReplicaTable,
+    ShapeError,
+    call_dropless,
+    capacity_ladder,
+    dense_moe_reference,
+    init_mlp_weights,
+    make_ep_mesh,
+    materialize_slot_weights,
+    moe_forward,
+)
+
+TOKENS = 64
+CONFIGS = {
+    "mixtral": MoEConfig(d_model=16, d_ff=32, num_experts=8, top_k=2, num_devices=8, slots_per_device=2),
+    "deepseek": MoEConfig(
+        d_model=16,
+        d_ff=8,
+        num_experts=16,
+        top_k=4,
+        num_devices=8,
+        slots_per_device=3,
+        router="deepseek",
+        num_shared_experts=2,
+        d_ff_shared=8,
+    ),
+    "one_device": MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2, num_devices=1, slots_per_device=5),
+}
+TRACES = {"count": 0}
+
+
+class Model:
+    """Logical weights of one config plus jitted layer/reference functions (compiled once per config)."""
+
+    def __init__(self, config: MoEConfig, seed: int = 0):
+        self.config = config
+        self.mesh = make_ep_mesh(config.num_devices)
+        k_router, k_experts, k_shared = jax.random.split(jax.random.key(seed), 3)
+        self.router = jax.random.normal(k_router, (config.d_model, config.num_experts))
+        self.experts = init_mlp_weights(
+            k_experts, (config.num_experts,), config.d_model, config.d_ff, jnp.float32
+        )
+        self.shared = (
+            init_mlp_weights(k_shared, (), config.d_model, config.shared_hidden, jnp.float32)
+            if config.num_shared_experts
+            else None
+        )
+        self.forward = jax.jit(self._forward, static_argnames="capacity")
+        self.reference = jax.jit(partial(dense_moe_reference, config=config))
+
+    def _forward(self, params, table, x, capacity=None):
+        TRACES["count"] += 1
+        return moe_forward(params, table, x, config=self.config, mesh=self.mesh, capacity=capacity)
+
+    def params(self, table: ReplicaTable) -> MoEParams:
+        return MoEParams(self.router, materialize_slot_weights(self.experts, table), self.shared)
+
+    def run(self, table: ReplicaTable, x, capacity=None):
+        return self.forward(self.params(table), table.arrays(), x, capacity=capacity)
+
+    def random_table(self, seed: int) -> ReplicaTable:
+        c = self.config
+        return ReplicaTable.random(
+            np.random.default_rng(seed),
+            num_experts=c.num_experts,
+            num_devices=c.num_devices,
+            slots_per_device=c.slots_per_device,
+            extra_replicas=int(np.random.default_rng(seed + 1).integers(0, 9)),
+        )
+
+
+MODELS = {name: Model(config) for name, config in CONFIGS.items()}
+
+
+def tokens(seed: int, config: MoEConfig, n: int = TOKENS) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), (n, config.d_model))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@given(table_seed=st.integers(0, 10**6), x_seed=st.integers(0, 10**6))
+def test_matches_dense_reference(name, table_seed, x_seed):
+    model = MODELS[name]
+    x = tokens(x_seed, model.config)
+    out = model.run(model.random_table(table_seed), x)
+    expected = model.reference(model.router, model.experts, model.shared, x)
+    np.testing.assert_allclose(out.y, expected, rtol=2e-5, atol=2e-5)
+    assert int(out.overflow) == 0
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek"])
+def test_gradients_match_dense_reference(name):
+    model = MODELS[name]
+    c = model.config
+    table = model.random_table(7)
+    x = tokens(3, c)
+    cotangent = jax.random.normal(jax.random.key(5), x.shape)
+
+    def layer_loss(router, experts, shared, x):
+        params = MoEParams(router, materialize_slot_weights(experts, table), shared)
+        return jnp.sum(moe_forward(params, table.arrays(), x, config=c, mesh=model.mesh).y * cotangent)
+
+    def reference_loss(router, experts, shared, x):
+        return jnp.sum(dense_moe_reference(router, experts, shared, x, config=c) * cotangent)
+
+    args = (model.router, model.experts, model.shared, x)
+    with jax.set_mesh(model.mesh):
+        got = jax.jit(jax.grad(layer_loss, argnums=(0, 1, 2, 3)))(*args)
+    want = jax.jit(jax.grad(reference_loss, argnums=(0, 1, 2, 3)))(*args)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_two_tables_same_output_and_no_recompile():
+    model = MODELS["mixtral"]
+    x = tokens(11, model.config)
+    model.run(model.random_table(0), x)  # warm
+    before = TRACES["count"]
+    outputs = [model.run(model.random_table(seed), x) for seed in (1, 2, 3)]
+    outputs.append(model.run(ReplicaTable.static(num_experts=8, num_devices=8, slots_per_device=2), x))
+    assert TRACES["count"] == before, "changing the replica table must not retrace or recompile"
+    for out in outputs[1:]:
+        np.testing.assert_allclose(out.y, outputs[0].y, rtol=1e-5, atol=1e-5)
+    assert model.forward._cache_size() == 1
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_slot_counts_sum_to_assignments_when_every_token_picks_the_same_experts(name):
+    model = MODELS[name]
+    c = model.config
+    x = jnp.ones((TOKENS, c.d_model))  # identical tokens -> identical top-k for all
+    table = model.random_table(42)
+    out = model.run(table, x)
+    assert int(out.slot_counts.sum()) == TOKENS * c.top_k
+    assert int(out.expert_counts.sum()) == TOKENS * c.top_k
+    assert int(np.count_nonzero(out.expert_counts)) == c.top_k
+    # Each hot expert's tokens are spread evenly over its replicas.
+    for e in np.flatnonzero(np.asarray(out.expert_counts)):
+        slots = table.expert_slots[e, : table.replica_count[e]]
+        per_replica = np.asarray(out.slot_counts)[slots]
+        assert per_replica.max() - per_replica.min() <= 1
+    np.testing.assert_allclose(
+        out.y, model.reference(model.router, model.experts, model.shared, x), rtol=2e-5, atol=2e-5
+    )
+
+
+def test_small_capacity_reports_overflow_and_dropless_call_recovers():
+    model = MODELS["mixtral"]
+    c = model.config
+    x = jnp.ones((TOKENS, c.d_model))  # every token picks the same two experts...
+    hot = np.flatnonzero(
+        np.asarray(
+            model.run(ReplicaTable.static(num_experts=8, num_devices=8, slots_per_device=2), x).expert_counts
+        )
+    )
+    others = [e for e in range(8) if e not in hot]
+    # ...and both live on device 0: every device sends all its 2 * 8 assignments there.
+    slot_to_expert = [*hot, *[v for e in others for v in (e, -1)], -1, -1]
+    table = ReplicaTable.from_slot_to_expert(
+        np.array(slot_to_expert), num_experts=8, num_devices=8, slots_per_device=2
+    )
+    ladder = capacity_ladder(c, TOKENS // c.num_devices)
+    assert ladder == sorted(ladder) and len(ladder) >= 2
+    first = model.run(table, x, capacity=ladder[0])
+    assert int(first.overflow) > 0, "an undersized buffer must report its overflow"
+    out, used = call_dropless(lambda cap: model.run(table, x, capacity=cap), ladder)
+    assert int(out.overflow) == 0 and used > ladder[0]
+    np.testing.assert_allclose(
+        out.y, model.reference(model.router, model.experts, model.shared, x), rtol=2e-5, atol=2e-5
+    )
+
+
+def test_balanced_routing_fits_the_smallest_rung():
+    model = MODELS["mixtral"]
+    c = model.config
+    ladder = capacity_ladder(c, TOKENS // c.num_devices, factors=(4.0,))
+    table = ReplicaTable.static(num_experts=8, num_devices=8, slots_per_device=2)
+    out = model.run(table, tokens(1, c), capacity=ladder[0])
+    assert int(out.overflow) == 0
+
+
+def test_shape_errors_name_the_problem():
+    model = MODELS["mixtral"]
+    c = model.config
+    table = ReplicaTable.static(num_experts=8, num_devices=8, slots_per_device=2)
+    with pytest.raises(ShapeError, match="not divisible by num_devices=8"):
+        model.run(table, tokens(0, c, n=60))
+    with pytest.raises(ShapeError, match="expected \\[tokens, d_model=16\\]"):
+        model.run(table, jnp.ones((64, 15)))
+    bad = model.params(table)._replace(router=jnp.ones((16, 7)))
+    with pytest.raises(ShapeError, match="router has shape"):
+        moe_forward(bad, table.arrays(), tokens(0, c), config=c, mesh=model.mesh)
+
+
+def test_weights_must_cover_the_table_layout():
+    model = MODELS["mixtral"]
+    with pytest.raises(ValueError, match="logical weights hold 8 experts but the table has 4"):
+        materialize_slot_weights(
+            model.experts, ReplicaTable.static(num_experts=4, num_devices=8, slots_per_device=2)
+        )
+
+
+def test_mlp_weights_shapes():
+    w = init_mlp_weights(jax.random.key(0), (3,), 4, 6, jnp.bfloat16)
+    assert isinstance(w, MLPWeights)
+    assert w.gate.shape == (3, 4, 6) and w.down.shape == (3, 6, 4) and w.up.dtype == jnp.bfloat16
