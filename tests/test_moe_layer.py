@@ -39,6 +39,21 @@ CONFIGS = {
         d_ff_shared=8,
     ),
     "one_device": MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2, num_devices=1, slots_per_device=5),
+    "mixtral_balanced": MoEConfig(
+        d_model=16, d_ff=32, num_experts=8, top_k=2, num_devices=8, slots_per_device=2, split="balanced"
+    ),
+    "deepseek_balanced": MoEConfig(
+        d_model=16,
+        d_ff=8,
+        num_experts=16,
+        top_k=4,
+        num_devices=8,
+        slots_per_device=3,
+        router="deepseek",
+        num_shared_experts=2,
+        d_ff_shared=8,
+        split="balanced",
+    ),
 }
 TRACES = {"count": 0}
 
@@ -101,7 +116,7 @@ def test_matches_dense_reference(name, table_seed, x_seed):
     assert int(out.overflow) == 0
 
 
-@pytest.mark.parametrize("name", ["mixtral", "deepseek"])
+@pytest.mark.parametrize("name", ["mixtral", "deepseek", "deepseek_balanced"])
 def test_gradients_match_dense_reference(name):
     model = MODELS[name]
     c = model.config
@@ -124,8 +139,9 @@ def test_gradients_match_dense_reference(name):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
-def test_two_tables_same_output_and_no_recompile():
-    model = MODELS["mixtral"]
+@pytest.mark.parametrize("name", ["mixtral", "mixtral_balanced"])
+def test_two_tables_same_output_and_no_recompile(name):
+    model = MODELS[name]
     x = tokens(11, model.config)
     model.run(model.random_table(0), x)  # warm
     before = TRACES["count"]
@@ -147,11 +163,11 @@ def test_slot_counts_sum_to_assignments_when_every_token_picks_the_same_experts(
     assert int(out.slot_counts.sum()) == TOKENS * c.top_k
     assert int(out.expert_counts.sum()) == TOKENS * c.top_k
     assert int(np.count_nonzero(out.expert_counts)) == c.top_k
-    # Each hot expert's tokens are spread evenly over its replicas.
-    for e in np.flatnonzero(np.asarray(out.expert_counts)):
-        slots = table.expert_slots[e, : table.replica_count[e]]
-        per_replica = np.asarray(out.slot_counts)[slots]
-        assert per_replica.max() - per_replica.min() <= 1
+    if c.split == "even":  # each hot expert's tokens are spread evenly over its replicas
+        for e in np.flatnonzero(np.asarray(out.expert_counts)):
+            slots = table.expert_slots[e, : table.replica_count[e]]
+            per_replica = np.asarray(out.slot_counts)[slots]
+            assert per_replica.max() - per_replica.min() <= 1
     np.testing.assert_allclose(
         out.y, model.reference(model.router, model.experts, model.shared, x), rtol=2e-5, atol=2e-5
     )
@@ -217,3 +233,25 @@ def test_mlp_weights_shapes():
     w = init_mlp_weights(jax.random.key(0), (3,), 4, 6, jnp.bfloat16)
     assert isinstance(w, MLPWeights)
     assert w.gate.shape == (3, 4, 6) and w.down.shape == (3, 6, 4) and w.up.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("name", ["mixtral", "mixtral_balanced", "deepseek_balanced"])
+def test_layer_device_loads_follow_the_split(name):
+    from moeless_jax.moe.split import split_device_loads
+
+    model = MODELS[name]
+    c = model.config
+    x = tokens(5, c).at[: TOKENS // 2].set(1.0)  # half the tokens identical: a hot pair of experts
+    table = model.random_table(9)
+    out = model.run(table, x)
+    per_device = np.asarray(out.slot_counts).reshape(c.num_devices, c.slots_per_device).sum(axis=1)
+    want = split_device_loads(
+        out.expert_counts,
+        jnp.asarray(table.expert_slots),
+        jnp.asarray(table.replica_count),
+        slots_per_device=c.slots_per_device,
+        num_devices=c.num_devices,
+        split=c.split,
+        iterations=c.split_iterations,
+    )
+    np.testing.assert_array_equal(per_device, np.asarray(want))

@@ -9,6 +9,7 @@ from moeless_jax.config import require
 
 RouterKind = Literal["mixtral", "deepseek"]
 Backend = Literal["dense", "ragged"]
+Split = Literal["even", "balanced"]
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -34,6 +35,10 @@ class MoEConfig:
       capacity_factor: dispatch buffer size relative to a perfectly balanced load. ``None`` sizes it for
         the worst case, which can never overflow. A smaller buffer is faster; an overflow is counted and
         reported, never dropped silently (see :mod:`moeless_jax.moe.dispatch`).
+      split: how an expert's tokens are divided among its replicas: ``even`` (equal shares, as vLLM and
+        the MoEless paper do) or ``balanced`` (quotas computed in the step from the true per-expert counts
+        so that devices finish together; see :func:`moeless_jax.moe.split.balanced_quotas`). Both are exact.
+      split_iterations: rounds of the balanced split (more rounds: closer to the optimal split).
       dtype: parameter and activation dtype.
     """
 
@@ -49,6 +54,8 @@ class MoEConfig:
     d_ff_shared: int | None = None
     backend: Backend = "dense"
     capacity_factor: float | None = None
+    split: Split = "even"
+    split_iterations: int = 24
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -82,6 +89,12 @@ class MoEConfig:
             self.capacity_factor is None or self.capacity_factor > 0,
             "capacity_factor",
             f"must be positive or null (worst-case buffer), got {self.capacity_factor!r}",
+        )
+        require(self.split in ("even", "balanced"), "split", f"'{self.split}' is not even|balanced")
+        require(
+            isinstance(self.split_iterations, int) and self.split_iterations >= 1,
+            "split_iterations",
+            f"must be a positive integer, got {self.split_iterations!r}",
         )
         require(self.dtype in DTYPES, "dtype", f"'{self.dtype}' is not one of {DTYPES}")
 

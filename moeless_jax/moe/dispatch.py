@@ -30,9 +30,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moeless_jax.moe.config import Backend
+from moeless_jax.moe.config import Backend, Split
 from moeless_jax.moe.replica_table import TableArrays
-from moeless_jax.moe.split import even_quotas, global_expert_rank, rank_within_group, replica_for_rank
+from moeless_jax.moe.split import global_expert_rank, rank_within_group, replica_for_rank, split_quotas
 
 
 class Assignments(NamedTuple):
@@ -52,14 +52,28 @@ class Assignments(NamedTuple):
 
 
 def assign_slots(
-    expert_ids: jax.Array, table: TableArrays, *, slots_per_device: int, axis_name: str
+    expert_ids: jax.Array,
+    table: TableArrays,
+    *,
+    slots_per_device: int,
+    axis_name: str,
+    split: Split = "even",
+    split_iterations: int = 24,
 ) -> Assignments:
-    """Map local routing ``expert_ids [T, K]`` to physical slots by the even split."""
+    """Map local routing ``expert_ids [T, K]`` to physical slots by the ``split`` rule."""
     num_tokens, top_k = expert_ids.shape
     num_experts, r_max = table.expert_slots.shape
     expert = expert_ids.reshape(-1).astype(jnp.int32)
     rank, expert_totals, _ = global_expert_rank(expert, num_experts, axis_name)
-    quotas = even_quotas(expert_totals, table.replica_count, r_max)
+    quotas = split_quotas(
+        expert_totals,
+        table.expert_slots,
+        table.replica_count,
+        slots_per_device=slots_per_device,
+        num_devices=r_max,  # R_max = D: at most one replica of an expert per device
+        split=split,
+        iterations=split_iterations,
+    )
     replica = replica_for_rank(rank, expert, quotas)
     slot = table.expert_slots[expert, replica]
     token = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), top_k)

@@ -152,7 +152,14 @@ def moe_forward(
 def _moe_shard(params: MoEParams, table: TableArrays, x: jax.Array, *, config: MoEConfig, capacity: int):
     """One device's share: x [T/D, M], slot weights [S, ...]."""
     routing = route(x, params.router, top_k=config.top_k, kind=config.router, renormalize=config.renormalize)
-    a = assign_slots(routing.expert_ids, table, slots_per_device=config.slots_per_device, axis_name=EP_AXIS)
+    a = assign_slots(
+        routing.expert_ids,
+        table,
+        slots_per_device=config.slots_per_device,
+        axis_name=EP_AXIS,
+        split=config.split,
+        split_iterations=config.split_iterations,
+    )
     send, receive = BACKENDS[config.backend]
     rows, local_slot, state = send(
         x,

@@ -64,3 +64,152 @@ def replica_for_rank(rank: jax.Array, expert: jax.Array, quotas: jax.Array) -> j
     cumulative = jnp.cumsum(quotas, axis=1)[expert]  # [N, R]
     j = jnp.sum(rank[:, None] >= cumulative, axis=1).astype(jnp.int32)
     return jnp.minimum(j, quotas.shape[1] - 1)
+
+
+# ------------------------------------------------------------------------------------- balanced split
+def replica_devices(expert_slots: jax.Array, slots_per_device: int) -> tuple[jax.Array, jax.Array]:
+    """[E, R] device of each replica (0 where padded) and [E, R] validity mask."""
+    valid = expert_slots >= 0
+    return jnp.where(valid, expert_slots // slots_per_device, 0), valid
+
+
+def device_loads(quotas: jax.Array, device: jax.Array, valid: jax.Array, num_devices: int) -> jax.Array:
+    """[E, R] per-replica tokens -> [D] tokens per device."""
+    return jnp.zeros(num_devices, quotas.dtype).at[device].add(jnp.where(valid, quotas, 0))
+
+
+def water_fill(base: jax.Array, amount: jax.Array, valid: jax.Array) -> jax.Array:
+    """Pour ``amount[e]`` over the replicas of row ``e`` so the lowest levels rise together.
+
+    base: [E, R] current level of each replica's device without this expert; amount: [E]; valid: [E, R].
+    Returns [E, R] non-negative allocations summing to ``amount`` per row, levelling ``base + alloc``
+    over the replicas that receive anything. Sort-free (pairwise [E, R, R]) so it fuses on accelerators.
+    """
+    big = jnp.finfo(base.dtype).max / 4
+    b = jnp.where(valid, base, big)
+    # Water needed to raise every replica up to breakpoint b_k: sum_j max(0, b_k - b_j).
+    below = b[:, None, :] <= b[:, :, None]  # [E, k, j]: b_j <= b_k
+    need = jnp.sum(jnp.where(below, b[:, :, None] - b[:, None, :], 0), axis=-1)  # [E, k]
+    feasible = valid & (need <= amount[:, None])
+    top = jnp.max(jnp.where(feasible, b, -big), axis=-1)  # highest breakpoint reachable
+    active = valid & (b <= top[:, None])
+    level = (amount + jnp.sum(jnp.where(active, b, 0), axis=-1)) / jnp.maximum(jnp.sum(active, axis=-1), 1)
+    return jnp.where(valid, jnp.maximum(level[:, None] - b, 0), 0)
+
+
+def balanced_quotas(
+    expert_totals: jax.Array,
+    expert_slots: jax.Array,
+    replica_count: jax.Array,
+    *,
+    slots_per_device: int,
+    num_devices: int,
+    iterations: int = 24,
+) -> jax.Array:
+    """Integer quotas [E, R] that level device loads, for the experts' true token counts.
+
+    Minimises sum_d load_d^2 over splits of each expert's tokens among its replicas. The achievable load
+    vectors form the base polytope of a coverage polymatroid, where the minimiser of a separable convex
+    function also minimises the maximum load, so this is the min-max split (the LP optimum).
+
+    Method: parallel water-filling. Each round, every replicated expert computes the split that would
+    level its own replicas' devices given everyone else's tokens, and moves a step ``1 / n`` toward it,
+    where ``n`` is the most replicated experts sharing one of its devices. By convexity the simultaneous
+    steps never increase sum_d load_d^2, so the rounds descend monotonically from the even split. The
+    result is rounded to integers per expert (largest remainders) and, as a safeguard, the even split is
+    kept if it has the lower maximum.
+
+    expert_totals: [E] tokens per expert; expert_slots: [E, R] (-1 padded); replica_count: [E].
+    """
+    r_max = expert_slots.shape[1]
+    device, valid = replica_devices(expert_slots, slots_per_device)
+    totals = expert_totals.astype(jnp.float32)
+    even = even_quotas(expert_totals, replica_count, r_max)
+    movable = (replica_count > 1)[:, None] & valid
+    sharing = jnp.zeros(num_devices, jnp.float32).at[device].add(movable.astype(jnp.float32))
+    step = 1.0 / jnp.maximum(jnp.max(jnp.where(valid, sharing[device], 1.0), axis=-1), 1.0)  # [E]
+
+    def round_(_, q):
+        loads = device_loads(q, device, valid, num_devices)
+        target = water_fill(loads[device] - q, totals, valid)
+        return q + step[:, None] * (target - q)
+
+    fractional = jax.lax.fori_loop(0, iterations, round_, even.astype(jnp.float32), unroll=True)
+    balanced = round_quotas(fractional, expert_totals, valid)
+    worst = lambda q: jnp.max(device_loads(q, device, valid, num_devices))  # noqa: E731
+    return jnp.where(worst(balanced) <= worst(even), balanced, even)
+
+
+def round_quotas(fractional: jax.Array, expert_totals: jax.Array, valid: jax.Array) -> jax.Array:
+    """Integer quotas per row summing to ``expert_totals``: floors plus the largest remainders."""
+    floors = jnp.where(valid, jnp.floor(fractional), 0).astype(jnp.int32)
+    missing = expert_totals.astype(jnp.int32) - jnp.sum(floors, axis=-1)  # [E], 0 <= missing < R
+    remainder = jnp.where(valid, fractional - floors, -1.0)
+    # Rank of each replica's remainder within its row (largest first, lower index wins ties).
+    r = remainder.shape[1]
+    idx = jnp.arange(r)
+    ahead = (remainder[:, None, :] > remainder[:, :, None]) | (
+        (remainder[:, None, :] == remainder[:, :, None]) & (idx[None, None, :] < idx[None, :, None])
+    )
+    rank = jnp.sum(ahead, axis=-1)  # [E, R]
+    return floors + (valid & (rank < missing[:, None])).astype(jnp.int32)
+
+
+def split_quotas(
+    expert_totals: jax.Array,
+    expert_slots: jax.Array,
+    replica_count: jax.Array,
+    *,
+    slots_per_device: int,
+    num_devices: int,
+    split: str,
+    iterations: int = 24,
+) -> jax.Array:
+    """[E, R] tokens each replica takes under ``split`` (``even`` or ``balanced``)."""
+    if split == "even":
+        return even_quotas(expert_totals, replica_count, expert_slots.shape[1])
+    if split == "balanced":
+        return balanced_quotas(
+            expert_totals,
+            expert_slots,
+            replica_count,
+            slots_per_device=slots_per_device,
+            num_devices=num_devices,
+            iterations=iterations,
+        )
+    raise ValueError(f"split '{split}' is not even|balanced")
+
+
+def split_device_loads(
+    expert_totals: jax.Array,
+    expert_slots: jax.Array,
+    replica_count: jax.Array,
+    *,
+    slots_per_device: int,
+    num_devices: int,
+    split: str,
+    iterations: int = 24,
+) -> jax.Array:
+    """[..., E] per-batch expert token counts -> [..., D] tokens per device under ``split``.
+
+    The same quota code the layer runs, for host-side consumers (planner metrics, simulator); leading
+    batch axes are vmapped.
+    """
+
+    def one(totals):
+        quotas = split_quotas(
+            totals,
+            expert_slots,
+            replica_count,
+            slots_per_device=slots_per_device,
+            num_devices=num_devices,
+            split=split,
+            iterations=iterations,
+        )
+        device, valid = replica_devices(expert_slots, slots_per_device)
+        return device_loads(quotas, device, valid, num_devices)
+
+    fn = one
+    for _ in range(expert_totals.ndim - 1):
+        fn = jax.vmap(fn)
+    return fn(expert_totals)
