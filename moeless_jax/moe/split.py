@@ -117,26 +117,35 @@ def balanced_quotas(
     where ``n`` is the most replicated experts sharing one of its devices. By convexity the simultaneous
     steps never increase sum_d load_d^2, so the rounds descend monotonically from the even split. The
     result is rounded to integers per expert (largest remainders) and, as a safeguard, the even split is
-    kept if it has the lower maximum.
+    kept if it has the lower maximum. Only experts with several replicas can move, and there are at most
+    ``P - E`` of them, so the rounds run on those rows alone.
 
     expert_totals: [E] tokens per expert; expert_slots: [E, R] (-1 padded); replica_count: [E].
     """
-    r_max = expert_slots.shape[1]
-    device, valid = replica_devices(expert_slots, slots_per_device)
-    totals = expert_totals.astype(jnp.float32)
+    num_experts, r_max = expert_slots.shape
     even = even_quotas(expert_totals, replica_count, r_max)
-    movable = (replica_count > 1)[:, None] & valid
-    sharing = jnp.zeros(num_devices, jnp.float32).at[device].add(movable.astype(jnp.float32))
-    step = 1.0 / jnp.maximum(jnp.max(jnp.where(valid, sharing[device], 1.0), axis=-1), 1.0)  # [E]
+    num_movable = min(num_experts, num_devices * slots_per_device - num_experts)
+    if num_movable <= 0:
+        return even
+    device, valid = replica_devices(expert_slots, slots_per_device)
+    worst = lambda q: jnp.max(device_loads(q, device, valid, num_devices))  # noqa: E731
+
+    rows = jax.lax.top_k(replica_count, num_movable)[1]  # every replicated expert is among these
+    m_device, m_valid, m_totals = device[rows], valid[rows], expert_totals[rows].astype(jnp.float32)
+    fixed = device_loads(even.astype(jnp.float32), device, valid, num_devices) - device_loads(
+        even[rows].astype(jnp.float32), m_device, m_valid, num_devices
+    )
+    movable = (replica_count[rows] > 1)[:, None] & m_valid
+    sharing = jnp.zeros(num_devices, jnp.float32).at[m_device].add(movable.astype(jnp.float32))
+    step = 1.0 / jnp.maximum(jnp.max(jnp.where(m_valid, sharing[m_device], 1.0), axis=-1), 1.0)  # [M]
 
     def round_(_, q):
-        loads = device_loads(q, device, valid, num_devices)
-        target = water_fill(loads[device] - q, totals, valid)
+        loads = fixed + device_loads(q, m_device, m_valid, num_devices)
+        target = water_fill(loads[m_device] - q, m_totals, m_valid)
         return q + step[:, None] * (target - q)
 
-    fractional = jax.lax.fori_loop(0, iterations, round_, even.astype(jnp.float32), unroll=True)
-    balanced = round_quotas(fractional, expert_totals, valid)
-    worst = lambda q: jnp.max(device_loads(q, device, valid, num_devices))  # noqa: E731
+    fractional = jax.lax.fori_loop(0, iterations, round_, even[rows].astype(jnp.float32), unroll=True)
+    balanced = even.at[rows].set(round_quotas(fractional, expert_totals[rows], m_valid))
     return jnp.where(worst(balanced) <= worst(even), balanced, even)
 
 
