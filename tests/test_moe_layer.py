@@ -10,13 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moeless_jax.moe import (
+    Buffers,
     MLPWeights,
     MoEConfig,
     MoEParams,
     ReplicaTable,
     ShapeError,
+    buffer_ladder,
     call_dropless,
-    capacity_ladder,
     dense_moe_reference,
     init_mlp_weights,
     make_ep_mesh,
@@ -54,6 +55,19 @@ CONFIGS = {
         d_ff_shared=8,
         split="balanced",
     ),
+    "deepseek_capacity": MoEConfig(
+        d_model=16,
+        d_ff=8,
+        num_experts=16,
+        top_k=4,
+        num_devices=8,
+        slots_per_device=3,
+        router="deepseek",
+        split="balanced",
+        expert_kernel="capacity",
+        slot_capacity_factor=1.0,
+        overflow_fraction=0.1,
+    ),
 }
 TRACES = {"count": 0}
 
@@ -74,18 +88,18 @@ class Model:
             if config.num_shared_experts
             else None
         )
-        self.forward = jax.jit(self._forward, static_argnames="capacity")
+        self.forward = jax.jit(self._forward, static_argnames="buffers")
         self.reference = jax.jit(partial(dense_moe_reference, config=config))
 
-    def _forward(self, params, table, x, capacity=None):
+    def _forward(self, params, table, x, buffers=None):
         TRACES["count"] += 1
-        return moe_forward(params, table, x, config=self.config, mesh=self.mesh, capacity=capacity)
+        return moe_forward(params, table, x, config=self.config, mesh=self.mesh, buffers=buffers)
 
     def params(self, table: ReplicaTable) -> MoEParams:
         return MoEParams(self.router, materialize_slot_weights(self.experts, table), self.shared)
 
-    def run(self, table: ReplicaTable, x, capacity=None):
-        return self.forward(self.params(table), table.arrays(), x, capacity=capacity)
+    def run(self, table: ReplicaTable, x, buffers=None):
+        return self.forward(self.params(table), table.arrays(), x, buffers=buffers)
 
     def random_table(self, seed: int) -> ReplicaTable:
         c = self.config
@@ -110,13 +124,16 @@ def tokens(seed: int, config: MoEConfig, n: int = TOKENS) -> jax.Array:
 def test_matches_dense_reference(name, table_seed, x_seed):
     model = MODELS[name]
     x = tokens(x_seed, model.config)
-    out = model.run(model.random_table(table_seed), x)
+    out, _ = call_dropless(
+        lambda b: model.run(model.random_table(table_seed), x, b),
+        buffer_ladder(model.config, TOKENS // model.config.num_devices),
+    )
     expected = model.reference(model.router, model.experts, model.shared, x)
     np.testing.assert_allclose(out.y, expected, rtol=2e-5, atol=2e-5)
     assert int(out.overflow) == 0
 
 
-@pytest.mark.parametrize("name", ["mixtral", "deepseek", "deepseek_balanced"])
+@pytest.mark.parametrize("name", ["mixtral", "deepseek", "deepseek_balanced", "deepseek_capacity"])
 def test_gradients_match_dense_reference(name):
     model = MODELS[name]
     c = model.config
@@ -144,13 +161,13 @@ def test_two_tables_same_output_and_no_recompile(name):
     model = MODELS[name]
     x = tokens(11, model.config)
     model.run(model.random_table(0), x)  # warm
-    before = TRACES["count"]
+    before, cached = TRACES["count"], model.forward._cache_size()
     outputs = [model.run(model.random_table(seed), x) for seed in (1, 2, 3)]
     outputs.append(model.run(ReplicaTable.static(num_experts=8, num_devices=8, slots_per_device=2), x))
     assert TRACES["count"] == before, "changing the replica table must not retrace or recompile"
     for out in outputs[1:]:
         np.testing.assert_allclose(out.y, outputs[0].y, rtol=1e-5, atol=1e-5)
-    assert model.forward._cache_size() == 1
+    assert model.forward._cache_size() == cached
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -173,39 +190,65 @@ def test_slot_counts_sum_to_assignments_when_every_token_picks_the_same_experts(
     )
 
 
-def test_small_capacity_reports_overflow_and_dropless_call_recovers():
-    model = MODELS["mixtral"]
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_capacity"])
+def test_small_buffers_report_overflow_and_dropless_call_recovers(name):
+    model = MODELS[name]
     c = model.config
-    x = jnp.ones((TOKENS, c.d_model))  # every token picks the same two experts...
-    hot = np.flatnonzero(
-        np.asarray(
-            model.run(ReplicaTable.static(num_experts=8, num_devices=8, slots_per_device=2), x).expert_counts
-        )
+    x = jnp.ones((TOKENS, c.d_model))  # every token picks the same top-k experts...
+    static = ReplicaTable.static(
+        num_experts=c.num_experts, num_devices=8, slots_per_device=c.slots_per_device
     )
-    others = [e for e in range(8) if e not in hot]
-    # ...and both live on device 0: every device sends all its 2 * 8 assignments there.
-    slot_to_expert = [*hot, *[v for e in others for v in (e, -1)], -1, -1]
+    hot = np.flatnonzero(np.asarray(model.run(static, x).expert_counts))
+    # ...and device 0 holds as many of them as fit: every device sends most of its assignments there.
+    first = list(hot[: c.slots_per_device])
+    rest = [e for e in range(c.num_experts) if e not in first]
+    slot_to_expert = np.full(c.num_slots, -1)
+    slot_to_expert[: len(first)] = first
+    slot_to_expert[c.slots_per_device : c.slots_per_device + len(rest)] = rest
     table = ReplicaTable.from_slot_to_expert(
-        np.array(slot_to_expert), num_experts=8, num_devices=8, slots_per_device=2
+        slot_to_expert, num_experts=c.num_experts, num_devices=8, slots_per_device=c.slots_per_device
     )
-    ladder = capacity_ladder(c, TOKENS // c.num_devices)
-    assert ladder == sorted(ladder) and len(ladder) >= 2
-    first = model.run(table, x, capacity=ladder[0])
-    assert int(first.overflow) > 0, "an undersized buffer must report its overflow"
-    out, used = call_dropless(lambda cap: model.run(table, x, capacity=cap), ladder)
-    assert int(out.overflow) == 0 and used > ladder[0]
+    ladder = buffer_ladder(c, TOKENS // c.num_devices)
+    first = model.run(table, x, Buffers(dispatch_rows=4, slot_rows=ladder[0].slot_rows, overflow_rows=8))
+    assert int(first.overflow) > 0, "an undersized buffer must report what it did not compute"
+    out, used = call_dropless(lambda b: model.run(table, x, b), [first_rung(ladder), *ladder])
+    assert int(out.overflow) == 0
     np.testing.assert_allclose(
         out.y, model.reference(model.router, model.experts, model.shared, x), rtol=2e-5, atol=2e-5
     )
 
 
-def test_balanced_routing_fits_the_smallest_rung():
-    model = MODELS["mixtral"]
-    c = model.config
-    ladder = capacity_ladder(c, TOKENS // c.num_devices, factors=(4.0,))
-    table = ReplicaTable.static(num_experts=8, num_devices=8, slots_per_device=2)
-    out = model.run(table, tokens(1, c), capacity=ladder[0])
-    assert int(out.overflow) == 0
+def first_rung(ladder):
+    """A rung smaller than the config's, to force at least one retry."""
+    b = ladder[0]
+    return Buffers(max(1, b.dispatch_rows // 4), None if b.slot_rows is None else 8, 8)
+
+
+def test_ladder_ends_with_the_worst_case():
+    for config in CONFIGS.values():
+        ladder = buffer_ladder(config, TOKENS // config.num_devices)
+        assert ladder[-1].slot_rows is None
+        assert ladder[-1].dispatch_rows == TOKENS // config.num_devices * min(
+            config.top_k, config.slots_per_device
+        )
+        assert len(set(ladder)) == len(ladder)
+
+
+def test_capacity_kernel_matches_ragged_kernel_with_and_without_spill():
+    from moeless_jax.moe import capacity_swiglu, grouped_swiglu
+
+    rng = np.random.default_rng(0)
+    w = init_mlp_weights(jax.random.key(0), (4,), 8, 16, jnp.float32)
+    rows = jax.random.normal(jax.random.key(1), (50, 8))
+    slot = jnp.asarray(rng.choice(5, 50, p=[0.5, 0.2, 0.1, 0.1, 0.1]), jnp.int32)  # 4 = padding
+    want = grouped_swiglu(rows, slot, w)
+    for capacity, overflow_rows in [(64, 8), (8, 64), (1, 50)]:
+        y, lost = capacity_swiglu(rows, slot, w, capacity=capacity, overflow_rows=overflow_rows)
+        assert int(lost) == 0
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    y, lost = capacity_swiglu(rows, slot, w, capacity=8, overflow_rows=10)
+    n_spill = sum(max(0, int(np.sum(np.asarray(slot) == s)) - 8) for s in range(4))
+    assert int(lost) == n_spill - 10 > 0
 
 
 def test_shape_errors_name_the_problem():

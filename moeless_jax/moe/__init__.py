@@ -1,16 +1,22 @@
 """The replicated expert-parallel MoE layer and its parts."""
 
+from moeless_jax.moe.capacity import (
+    Buffers,
+    buffer_ladder,
+    call_dropless,
+    default_buffers,
+    dispatch_capacity,
+    worst_case_buffers,
+)
 from moeless_jax.moe.config import MoEConfig
-from moeless_jax.moe.dispatch import Assignments, assign_slots, dispatch_capacity
-from moeless_jax.moe.experts import MLPWeights, grouped_swiglu, init_mlp_weights, swiglu
+from moeless_jax.moe.dispatch import Assignments, assign_slots
+from moeless_jax.moe.experts import MLPWeights, capacity_swiglu, grouped_swiglu, init_mlp_weights, swiglu
 from moeless_jax.moe.layer import (
     EP_AXIS,
     MoELayer,
     MoEOutput,
     MoEParams,
     ShapeError,
-    call_dropless,
-    capacity_ladder,
     make_ep_mesh,
     moe_forward,
 )
@@ -23,6 +29,7 @@ __all__ = [
     "EMPTY",
     "EP_AXIS",
     "Assignments",
+    "Buffers",
     "MLPWeights",
     "MoEConfig",
     "MoELayer",
@@ -37,8 +44,10 @@ __all__ = [
     "TableArrays",
     "apply_moves",
     "assign_slots",
+    "buffer_ladder",
     "call_dropless",
-    "capacity_ladder",
+    "capacity_swiglu",
+    "default_buffers",
     "dense_moe_reference",
     "dispatch_capacity",
     "grouped_swiglu",
@@ -49,4 +58,5 @@ __all__ = [
     "plan_moves",
     "route",
     "swiglu",
+    "worst_case_buffers",
 ]

@@ -10,6 +10,7 @@ from moeless_jax.config import require
 RouterKind = Literal["mixtral", "deepseek"]
 Backend = Literal["dense", "ragged"]
 Split = Literal["even", "balanced"]
+ExpertKernel = Literal["ragged", "capacity"]
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -39,6 +40,10 @@ class MoEConfig:
         the MoEless paper do) or ``balanced`` (quotas computed in the step from the true per-expert counts
         so that devices finish together; see :func:`moeless_jax.moe.split.balanced_quotas`). Both are exact.
       split_iterations: rounds of the balanced split (more rounds: closer to the optimal split).
+      expert_kernel: ``ragged`` (``jax.lax.ragged_dot``; portable, no buffers) or ``capacity`` (dense
+        batched matmuls over per-slot buffers, with a ragged overflow path; fast when slots are balanced).
+      slot_capacity_factor: ``capacity`` kernel: per-slot buffer rows relative to a balanced slot's rows.
+      overflow_fraction: ``capacity`` kernel: ragged overflow rows as a fraction of a device's balanced rows.
       dtype: parameter and activation dtype.
     """
 
@@ -56,6 +61,9 @@ class MoEConfig:
     capacity_factor: float | None = None
     split: Split = "even"
     split_iterations: int = 24
+    expert_kernel: ExpertKernel = "ragged"
+    slot_capacity_factor: float = 1.1
+    overflow_fraction: float = 0.25
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -95,6 +103,19 @@ class MoEConfig:
             isinstance(self.split_iterations, int) and self.split_iterations >= 1,
             "split_iterations",
             f"must be a positive integer, got {self.split_iterations!r}",
+        )
+        require(
+            self.expert_kernel in ("ragged", "capacity"),
+            "expert_kernel",
+            f"'{self.expert_kernel}' is not ragged|capacity",
+        )
+        require(
+            self.slot_capacity_factor > 0,
+            "slot_capacity_factor",
+            f"must be positive, got {self.slot_capacity_factor}",
+        )
+        require(
+            self.overflow_fraction > 0, "overflow_fraction", f"must be positive, got {self.overflow_fraction}"
         )
         require(self.dtype in DTYPES, "dtype", f"'{self.dtype}' is not one of {DTYPES}")
 

@@ -16,21 +16,19 @@ Backends:
 * ``ragged``: ``ragged_all_to_all`` with a ``[C_recv, M]`` receive buffer. GPU/TPU only (XLA:CPU has no
   ragged-all-to-all).
 
-Capacity. Static buffers are sized by :func:`dispatch_capacity`. Without a capacity factor they take the
-worst case, so they never overflow. With one, assignments past a buffer's end are not computed, and the
-number of them is returned as ``overflow``: the caller must retry with a larger buffer
-(:func:`moeless_jax.moe.layer.call_dropless` does). Nothing is dropped silently.
+Capacity. Static buffers are sized in :mod:`moeless_jax.moe.capacity`. Assignments past a buffer's end are
+not computed, and their number is returned as ``overflow``: the caller retries with larger buffers
+(:func:`moeless_jax.moe.capacity.call_dropless` does). Nothing is dropped silently.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from moeless_jax.moe.config import Backend, Split
+from moeless_jax.moe.config import Split
 from moeless_jax.moe.replica_table import TableArrays
 from moeless_jax.moe.split import global_expert_rank, rank_within_group, replica_for_rank, split_quotas
 
@@ -78,32 +76,6 @@ def assign_slots(
     slot = table.expert_slots[expert, replica]
     token = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), top_k)
     return Assignments(token, expert, slot, slot // slots_per_device, slot % slots_per_device, expert_totals)
-
-
-def dispatch_capacity(
-    backend: Backend,
-    *,
-    tokens_per_device: int,
-    top_k: int,
-    num_devices: int,
-    slots_per_device: int,
-    capacity_factor: float | None,
-) -> int:
-    """Static buffer rows: per device pair (``dense``) or per receiving device (``ragged``).
-
-    The worst case (``capacity_factor=None``): one token can send at most ``min(K, S)`` assignments to one
-    device (distinct experts, at most one replica of an expert per device, S slots).
-    """
-    per_token = min(top_k, slots_per_device)
-    worst_pair = tokens_per_device * per_token
-    if backend == "dense":
-        worst, balanced = worst_pair, tokens_per_device * top_k / num_devices
-    else:
-        worst, balanced = worst_pair * num_devices, tokens_per_device * top_k
-    if capacity_factor is None:
-        return worst
-    rows = 8 * math.ceil(capacity_factor * balanced / 8)
-    return int(max(1, min(worst, rows)))
 
 
 class DispatchState(NamedTuple):

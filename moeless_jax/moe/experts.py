@@ -7,6 +7,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moeless_jax.moe.split import rank_within_group
+
 
 class MLPWeights(NamedTuple):
     """SwiGLU weights, optionally with a leading expert or slot axis N.
@@ -53,3 +55,39 @@ def grouped_swiglu(rows: jax.Array, slot: jax.Array, w: MLPWeights) -> jax.Array
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w.gate, group_sizes)) * jax.lax.ragged_dot(xs, w.up, group_sizes)
     ys = jax.lax.ragged_dot(h, w.down, group_sizes)
     return jnp.zeros_like(ys).at[order].set(ys)
+
+
+def capacity_swiglu(
+    rows: jax.Array, slot: jax.Array, w: MLPWeights, *, capacity: int, overflow_rows: int
+) -> tuple[jax.Array, jax.Array]:
+    """Grouped SwiGLU as dense batched matmuls over per-slot buffers, with a ragged overflow path.
+
+    rows: [R, M]; slot: [R] local slot in ``0..S-1`` (``S`` = padding); w: weights with leading axis S.
+    Each slot's first ``capacity`` rows go to a ``[S, capacity, M]`` buffer and through three batched
+    einsums (near matmul peak when slots are balanced, which is what replication buys). Rows past a
+    slot's capacity go, grouped by slot, through ``ragged_dot`` on a ``[overflow_rows, M]`` buffer. Rows
+    past that are not computed and are counted: the caller retries with larger buffers.
+    Returns (y [R, M] with padding rows zero, uncomputed row count []).
+    """
+    num_slots = w.gate.shape[0]
+    real = slot < num_slots
+    position, _ = rank_within_group(slot, num_slots + 1)
+    fits = real & (position < capacity)
+    buffer = jnp.zeros((num_slots, capacity, rows.shape[-1]), rows.dtype)
+    buffer = buffer.at[slot, position].set(jnp.where(fits[:, None], rows, 0), mode="drop")
+    h = jax.nn.silu(jnp.einsum("scm,smf->scf", buffer, w.gate)) * jnp.einsum("scm,smf->scf", buffer, w.up)
+    y_buffer = jnp.einsum("scf,sfm->scm", h, w.down)
+    y = jnp.where(fits[:, None], y_buffer.at[slot, jnp.minimum(position, capacity - 1)].get(mode="clip"), 0)
+
+    spill = real & ~fits
+    spill_slot = jnp.where(spill, slot, num_slots)
+    order = jnp.argsort(spill_slot, stable=True)[:overflow_rows]  # spilled rows first, grouped by slot
+    sizes = jnp.zeros(num_slots, jnp.int32).at[spill_slot].add(1, mode="drop")
+    taken = jnp.minimum(jnp.cumsum(sizes), overflow_rows)
+    sizes = taken - jnp.concatenate([jnp.zeros(1, jnp.int32), taken[:-1]])
+    xs = jnp.where(spill[order][:, None], rows[order], 0)
+    hs = jax.nn.silu(jax.lax.ragged_dot(xs, w.gate, sizes)) * jax.lax.ragged_dot(xs, w.up, sizes)
+    ys = jax.lax.ragged_dot(hs, w.down, sizes)
+    y = y.at[order].add(jnp.where(spill[order][:, None], ys, 0))
+    uncomputed = jnp.sum(spill) - jnp.sum(sizes)
+    return y, uncomputed.astype(jnp.int32)

@@ -7,7 +7,7 @@ One step: route -> assign slots (table + split) -> dispatch -> grouped SwiGLU ->
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -18,9 +18,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from moeless_jax.moe.capacity import Buffers, default_buffers
 from moeless_jax.moe.config import MoEConfig
-from moeless_jax.moe.dispatch import BACKENDS, assign_slots, dispatch_capacity
-from moeless_jax.moe.experts import MLPWeights, grouped_swiglu, init_mlp_weights, swiglu
+from moeless_jax.moe.dispatch import BACKENDS, assign_slots
+from moeless_jax.moe.experts import MLPWeights, capacity_swiglu, grouped_swiglu, init_mlp_weights, swiglu
 from moeless_jax.moe.replica_table import ReplicaTable, TableArrays
 from moeless_jax.moe.router import route
 from moeless_jax.moe.slot_weights import (
@@ -116,26 +117,18 @@ def moe_forward(
     *,
     config: MoEConfig,
     mesh: jax.sharding.Mesh,
-    capacity: int | None = None,
+    buffers: Buffers | None = None,
 ) -> MoEOutput:
     """Apply the replicated MoE layer to ``x [T, M]`` (T divisible by D).
 
     ``table`` is data: any valid table of the config's (E, D, S) runs without recompiling, as long as
-    ``params.experts`` holds the weights materialised for it. ``capacity`` overrides the dispatch buffer
-    rows (static); by default they follow ``config.capacity_factor``.
+    ``params.experts`` holds the weights materialised for it. ``buffers`` (static) overrides the buffer
+    sizes that the config implies (see :mod:`moeless_jax.moe.capacity`).
     """
     _check_inputs(config, params, x, mesh)
-    tokens_per_device = x.shape[0] // config.num_devices
-    if capacity is None:
-        capacity = dispatch_capacity(
-            config.backend,
-            tokens_per_device=tokens_per_device,
-            top_k=config.top_k,
-            num_devices=config.num_devices,
-            slots_per_device=config.slots_per_device,
-            capacity_factor=config.capacity_factor,
-        )
-    shard = partial(_moe_shard, config=config, capacity=capacity)
+    if buffers is None:
+        buffers = default_buffers(config, x.shape[0] // config.num_devices)
+    shard = partial(_moe_shard, config=config, buffers=buffers)
     specs = param_specs(params.shared is not None)
     # Explicit-sharding meshes want inputs laid out as in_specs say; these are no-ops when they already are.
     x = jax.reshard(x, NamedSharding(mesh, P(EP_AXIS)))
@@ -149,7 +142,7 @@ def moe_forward(
     )(params, table, x)
 
 
-def _moe_shard(params: MoEParams, table: TableArrays, x: jax.Array, *, config: MoEConfig, capacity: int):
+def _moe_shard(params: MoEParams, table: TableArrays, x: jax.Array, *, config: MoEConfig, buffers: Buffers):
     """One device's share: x [T/D, M], slot weights [S, ...]."""
     routing = route(x, params.router, top_k=config.top_k, kind=config.router, renormalize=config.renormalize)
     a = assign_slots(
@@ -166,10 +159,15 @@ def _moe_shard(params: MoEParams, table: TableArrays, x: jax.Array, *, config: M
         a,
         num_devices=config.num_devices,
         slots_per_device=config.slots_per_device,
-        capacity=capacity,
+        capacity=buffers.dispatch_rows,
         axis_name=EP_AXIS,
     )
-    y_rows = grouped_swiglu(rows, local_slot, params.experts)
+    if buffers.slot_rows is None:
+        y_rows, uncomputed = grouped_swiglu(rows, local_slot, params.experts), jnp.int32(0)
+    else:
+        y_rows, uncomputed = capacity_swiglu(
+            rows, local_slot, params.experts, capacity=buffers.slot_rows, overflow_rows=buffers.overflow_rows
+        )
     y_assign = receive(y_rows, state, num_devices=config.num_devices, axis_name=EP_AXIS)
     weights = routing.weights.reshape(-1, 1).astype(jnp.float32)
     y = (
@@ -184,40 +182,7 @@ def _moe_shard(params: MoEParams, table: TableArrays, x: jax.Array, *, config: M
         y.astype(x.dtype),
         jax.lax.psum(slot_counts, EP_AXIS),
         jax.lax.psum(routing.expert_counts, EP_AXIS),
-        jax.lax.psum(state.overflow, EP_AXIS),
-    )
-
-
-def capacity_ladder(
-    config: MoEConfig, tokens_per_device: int, factors: Sequence[float] = (1.25, 2.0)
-) -> list[int]:
-    """Increasing dispatch capacities ending with the worst case, for :func:`call_dropless`."""
-    kw = dict(
-        tokens_per_device=tokens_per_device,
-        top_k=config.top_k,
-        num_devices=config.num_devices,
-        slots_per_device=config.slots_per_device,
-    )
-    rungs = [dispatch_capacity(config.backend, capacity_factor=f, **kw) for f in factors]
-    rungs.append(dispatch_capacity(config.backend, capacity_factor=None, **kw))
-    return sorted(set(rungs))
-
-
-def call_dropless(run: Callable[[int], MoEOutput], capacities: Sequence[int]) -> tuple[MoEOutput, int]:
-    """Run ``run(capacity)`` on increasing capacities until nothing overflows.
-
-    ``run`` should be jitted with ``capacity`` static: each rung compiles once. The last rung must be the
-    worst case (see :func:`capacity_ladder`), so the loop always ends with a complete output.
-    Returns the output and the capacity that served it.
-    """
-    out = None
-    for capacity in capacities:
-        out = run(capacity)
-        if int(out.overflow) == 0:
-            return out, capacity
-    raise RuntimeError(
-        f"dispatch overflowed even at capacity {capacities[-1]} ({int(out.overflow)} assignments); "
-        "the last rung of the ladder must be the worst-case capacity"
+        jax.lax.psum(state.overflow + uncomputed, EP_AXIS),
     )
 
 
@@ -301,7 +266,7 @@ class MoELayer(nnx.Module):
         self.table.set_value(table.arrays(NamedSharding(self.mesh, P())))
         return plan
 
-    def __call__(self, x: jax.Array, *, capacity: int | None = None) -> MoEOutput:
+    def __call__(self, x: jax.Array, *, buffers: Buffers | None = None) -> MoEOutput:
         return moe_forward(
-            self.params, self.table.get_value(), x, config=self.config, mesh=self.mesh, capacity=capacity
+            self.params, self.table.get_value(), x, config=self.config, mesh=self.mesh, buffers=buffers
         )
