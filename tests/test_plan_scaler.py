@@ -1,0 +1,96 @@
+"""Expert scaler (MoEless Alg. 1) and the fixed-budget min-max variant."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moeless_jax.errors import InputError
+from moeless_jax.plan import replica_cv, replicate_experts, scale_min_max, scale_to_cv
+
+
+@st.composite
+def scaling_problems(draw):
+    """(loads [E] ints with zeros and ties, slot cap, max replicas per expert, CV target)."""
+    experts = draw(st.integers(1, 12))
+    loads = np.array(
+        draw(st.lists(st.sampled_from([0, 1, 5, 5, 20, 100, 333]), min_size=experts, max_size=experts))
+    )
+    devices = draw(st.integers(1, 8))
+    cap = draw(st.integers(experts, experts + 3 * devices))
+    cv = draw(st.sampled_from([0.0, 0.1, 0.2, 0.5]))
+    return loads, cap, devices, cv
+
+
+@given(scaling_problems())
+def test_cv_rule_holds_or_a_cap_is_reached(problem):
+    loads, cap, devices, cv = problem
+    count = scale_to_cv(loads, cv_target=cv, max_replicas=cap, max_per_expert=devices)
+    assert count.min() >= 1 and count.max() <= devices and count.sum() <= cap
+    capped = count.sum() == cap or np.all(count[loads > 0] == devices)
+    assert replica_cv(loads, count) <= cv + 1e-9 or capped
+    # Deterministic.
+    np.testing.assert_array_equal(
+        count, scale_to_cv(loads, cv_target=cv, max_replicas=cap, max_per_expert=devices)
+    )
+
+
+@given(scaling_problems())
+def test_cv_rule_stops_at_the_first_step_that_meets_the_target(problem):
+    loads, cap, devices, cv = problem
+    count = scale_to_cv(loads, cv_target=cv, max_replicas=cap, max_per_expert=devices)
+    added = int(count.sum() - len(loads))
+    if added == 0:
+        return
+    # The same greedy order with one replica fewer is the min-max allocation of added - 1 extras.
+    before = scale_min_max(loads, extra_replicas=added - 1, max_per_expert=devices)
+    assert replica_cv(loads, before) > cv - 1e-9
+    np.testing.assert_array_equal(count, scale_min_max(loads, extra_replicas=added, max_per_expert=devices))
+
+
+def test_zero_loads_need_no_replicas():
+    count = scale_to_cv(np.zeros(6), cv_target=0.0, max_replicas=20, max_per_expert=4)
+    assert count.tolist() == [1] * 6
+
+
+def test_ties_go_to_the_lower_expert():
+    count = scale_to_cv(np.array([10, 10, 1]), cv_target=0.0, max_replicas=4, max_per_expert=4)
+    assert count.tolist() == [2, 1, 1]
+
+
+def test_idle_experts_do_not_grow_once_busy_ones_are_capped():
+    count = scale_to_cv(np.array([100, 0, 0]), cv_target=0.0, max_replicas=10, max_per_expert=2)
+    assert count.tolist() == [2, 1, 1]
+
+
+@given(st.lists(st.integers(0, 200), min_size=1, max_size=10), st.integers(0, 20))
+def test_min_max_matches_eplb_replication_without_a_device_cap(weights, extra):
+    loads = np.array(weights)
+    ours = scale_min_max(loads, extra_replicas=extra, max_per_expert=len(weights) + extra + 1)
+    _, _, logcnt = replicate_experts(loads[None, :].astype(float), len(weights) + extra)
+    np.testing.assert_array_equal(ours, logcnt[0])
+
+
+def test_min_max_respects_the_per_expert_cap():
+    count = scale_min_max(np.array([100, 1, 1]), extra_replicas=5, max_per_expert=3)
+    assert count.tolist() == [3, 3, 2]  # 100 capped at 3; then 1, 1 alternate, the lower index first on ties
+    assert scale_min_max(np.array([1, 1]), extra_replicas=10, max_per_expert=2).tolist() == [2, 2]
+
+
+@pytest.mark.parametrize(
+    "loads, problem",
+    [
+        ([1.0, np.nan], "finite"),
+        ([1.0, np.inf], "finite"),
+        ([1, -2], ">= 0"),
+        ([[1, 2]], r"\[E\] vector"),
+    ],
+)
+def test_bad_loads_are_rejected(loads, problem):
+    with pytest.raises(InputError, match=problem):
+        scale_to_cv(np.array(loads), cv_target=0.2, max_replicas=4, max_per_expert=2)
+
+
+def test_a_cap_below_the_expert_count_is_rejected():
+    with pytest.raises(InputError, match="cannot hold 3 experts"):
+        scale_to_cv(np.ones(3), cv_target=0.2, max_replicas=2, max_per_expert=2)
