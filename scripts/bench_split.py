@@ -1,0 +1,120 @@
+"""Dispatch-time split of tokens across replicas -> results/split/ (summary.json + PNG).
+
+``--part quota``  time of the quota computation per layer on the default device (CPU or GPU): a jitted scan
+                  over many layers' expert counts, so the per-layer figure is device time without the Python
+                  dispatch of one call. Writes ``quota_<platform>.json``.
+``--part eval``   the real-trace evaluation: DeepSeek-V2-Lite routing (MoE-Beyond), test prompts, batches from
+                  Azure conversation arrivals in 1-s windows; max device load against Oracle (perfect
+                  balance) for {even, balanced} x {history, MoEless-forecast, perfect-forecast placement} x
+                  slot budgets, and the exact LP bound. Writes ``summary.json`` (merging the quota files).
+
+Usage:
+  python scripts/bench_split.py --part quota --out-dir results/split
+  python scripts/bench_split.py --part eval --data-dir DATA --out-dir results/split
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+BUDGETS = (1.125, 1.25, 1.5, 2.0)
+NUM_EXPERTS, NUM_DEVICES = 64, 8  # DeepSeek-V2-Lite's routed experts on 8 devices
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--part", choices=("quota", "eval"), required=True)
+    p.add_argument("--out-dir", default="results/split")
+    p.add_argument("--data-dir", help="folder holding moe-beyond/ and azure-llm-2023/ (eval part)")
+    p.add_argument("--layers", type=int, default=256, help="layers per timed scan (quota part)")
+    return p.parse_args(argv)
+
+
+def budget_key(budget: float) -> str:
+    return f"{budget:g}".replace(".", "_") + "x"
+
+
+# ---------------------------------------------------------------------------------------------- quota timing
+def scan_quotas(counts, expert_slots, replica_count, *, slots_per_device: int, split: str):
+    """Quotas of every layer's counts [L, E] in one device program (a scan), so timing excludes dispatch."""
+    import jax
+    import jax.numpy as jnp
+
+    from moeless_jax.moe.split import split_quotas
+
+    def body(total, layer_counts):
+        q = split_quotas(
+            layer_counts,
+            expert_slots,
+            replica_count,
+            slots_per_device=slots_per_device,
+            num_devices=NUM_DEVICES,
+            split=split,
+        )
+        return total + q.sum(), None
+
+    return jax.lax.scan(body, jnp.int32(0), counts)[0]
+
+
+def time_quotas(layers: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from moeless_jax.bench import time_fn
+    from moeless_jax.moe import ReplicaTable
+    rng = np.random.default_rng(0)
+    tokens, top_k = 4096, 6
+    popularity = rng.dirichlet(np.full(NUM_EXPERTS, 0.5), size=layers)
+    counts = jnp.asarray(np.stack([rng.multinomial(tokens * top_k, p) for p in popularity]), jnp.int32)
+    out = {"layers_per_scan": layers, "experts": NUM_EXPERTS, "devices": NUM_DEVICES, "points": []}
+    for budget in BUDGETS:
+        slots = int(round(budget * NUM_EXPERTS / NUM_DEVICES))
+        table = ReplicaTable.random(
+            rng, num_experts=NUM_EXPERTS, num_devices=NUM_DEVICES, slots_per_device=slots
+        )
+        expert_slots, replica_count = jnp.asarray(table.expert_slots), jnp.asarray(table.replica_count)
+        for split in ("even", "balanced"):
+            fn = jax.jit(partial(scan_quotas, slots_per_device=slots, split=split))
+            args = (counts, expert_slots, replica_count)
+            seconds = time_fn(lambda fn=fn, args=args: fn(*args), repeats=20, min_seconds=0.5)
+            point = {"budget": budget, "split": split, "us_per_layer": seconds / layers * 1e6}
+            out["points"].append(point)
+            print(json.dumps(point), flush=True)
+    out["balanced_us_per_layer_mean"] = float(
+        np.mean([p["us_per_layer"] for p in out["points"] if p["split"] == "balanced"])
+    )
+    return out
+
+
+def quota_part(args) -> None:
+    import jax
+
+    from moeless_jax.provenance import write_json
+
+    platform = jax.default_backend()
+    result = time_quotas(args.layers)
+    result["device"] = jax.devices()[0].device_kind
+    path = write_json(Path(args.out_dir) / f"quota_{platform}.json", result, method="measured")
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.part == "quota":
+        quota_part(args)
+    else:
+        from split_eval import eval_part  # the trace evaluation lives beside this script
+
+        eval_part(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
