@@ -103,3 +103,17 @@ def test_non_integer_dtype():
         ReplicaTable.from_slot_to_expert(
             np.array([0.0, 1.0]), num_experts=2, num_devices=1, slots_per_device=2
         )
+
+
+@given(seed=st.integers(0, 2**31 - 1))
+def test_batched_expert_slot_arrays_match_single_tables(seed):
+    from moeless_jax.moe.replica_table import expert_slot_arrays
+
+    rng = np.random.default_rng(seed)
+    tables = [ReplicaTable.random(rng, num_experts=6, num_devices=4, slots_per_device=3) for _ in range(6)]
+    stacked = np.stack([t.slot_to_expert for t in tables]).reshape(2, 3, 12)
+    expert_slots, replica_count = expert_slot_arrays(stacked, 6, 4)
+    assert expert_slots.shape == (2, 3, 6, 4) and replica_count.shape == (2, 3, 6)
+    for i, t in enumerate(tables):
+        np.testing.assert_array_equal(expert_slots.reshape(6, 6, 4)[i], t.expert_slots)
+        np.testing.assert_array_equal(replica_count.reshape(6, 6)[i], t.replica_count)

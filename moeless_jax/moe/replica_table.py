@@ -79,17 +79,13 @@ class ReplicaTable:
         if not np.issubdtype(slot_to_expert.dtype, np.integer):
             raise ReplicaTableError(f"slot_to_expert must hold integers, got dtype {slot_to_expert.dtype}")
         _check_slot_experts(slot_to_expert, num_experts)
-        r_max = num_devices
-        expert_slots = np.full((num_experts, r_max), EMPTY, np.int32)
-        replica_count = np.zeros(num_experts, np.int32)
-        for p in np.flatnonzero(slot_to_expert >= 0):
-            e = int(slot_to_expert[p])
-            if replica_count[e] >= r_max:
-                raise ReplicaTableError(
-                    f"expert {e} has more than {r_max} replicas; at most one per device is allowed"
-                )
-            expert_slots[e, replica_count[e]] = p
-            replica_count[e] += 1
+        expert_slots, replica_count = expert_slot_arrays(slot_to_expert, num_experts, num_devices)
+        crowded = np.flatnonzero(replica_count > num_devices)
+        if crowded.size:
+            raise ReplicaTableError(
+                f"expert {int(crowded[0])} has more than {num_devices} replicas; "
+                "at most one per device is allowed"
+            )
         return cls(slot_to_expert, expert_slots, replica_count, num_devices, slots_per_device)
 
     @classmethod
@@ -206,6 +202,29 @@ class ReplicaTable:
             f"ReplicaTable(E={self.num_experts}, D={self.num_devices}, S={self.slots_per_device}, "
             f"replicas={int(self.replica_count.sum())}, max_replicas={int(self.replica_count.max())})"
         )
+
+
+def expert_slot_arrays(slot_to_expert, num_experts: int, r_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """``slot_to_expert [..., P]`` -> ``expert_slots [..., E, r_max]`` (-1 padded) and ``replica_count``.
+
+    Vectorised over leading axes, for turning many planned tables into split inputs at once. Slots are
+    listed in ascending order; replicas past ``r_max`` are counted but not listed. No validation.
+    """
+    s2e = np.asarray(slot_to_expert)
+    lead, num_slots = s2e.shape[:-1], s2e.shape[-1]
+    flat = s2e.reshape(-1, num_slots)
+    rows, slots = np.nonzero(flat >= 0)  # row-major, so slots ascend within a row
+    experts = flat[rows, slots].astype(np.int64)
+    key = rows * num_experts + experts
+    order = np.argsort(key, kind="stable")
+    first = np.searchsorted(key[order], key[order], side="left")
+    rank = np.empty(order.size, np.int64)
+    rank[order] = np.arange(order.size) - first
+    count = np.bincount(key, minlength=flat.shape[0] * num_experts).reshape(flat.shape[0], num_experts)
+    out = np.full((flat.shape[0], num_experts, r_max), EMPTY, np.int32)
+    listed = rank < r_max
+    out[rows[listed], experts[listed], rank[listed]] = slots[listed]
+    return out.reshape(*lead, num_experts, r_max), count.reshape(*lead, num_experts).astype(np.int32)
 
 
 def _check_layout(num_experts: int, num_devices: int, slots_per_device: int) -> None:
