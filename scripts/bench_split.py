@@ -46,20 +46,46 @@ def scan_quotas(counts, expert_slots, replica_count, *, slots_per_device: int, s
     import jax
     import jax.numpy as jnp
 
-    from moeless_jax.moe.split import split_quotas
+    from moeless_jax.moe.split import balanced_quotas, split_quotas
 
     def body(total, layer_counts):
-        q = split_quotas(
-            layer_counts,
+        kw = dict(slots_per_device=slots_per_device, num_devices=NUM_DEVICES)
+        if split == "balanced_fused":
+            q = balanced_quotas(layer_counts, expert_slots, replica_count, fused=True, **kw)
+        else:
+            q = split_quotas(layer_counts, expert_slots, replica_count, split=split, **kw)
+        return total + q.sum(), None
+
+    return jax.lax.scan(body, jnp.int32(0), counts)[0]
+
+
+def compare_fused(counts, expert_slots, replica_count, *, slots_per_device: int) -> dict:
+    """Max device load of the fused-kernel quotas against the XLA quotas on the same counts [L, E]."""
+    import jax
+    import jax.numpy as jnp
+
+    from moeless_jax.moe.split import balanced_quotas, device_loads, replica_devices
+
+    device, valid = replica_devices(expert_slots, slots_per_device)
+
+    @partial(jax.jit, static_argnames="fused")
+    def worst(c, fused):
+        q = balanced_quotas(
+            c,
             expert_slots,
             replica_count,
             slots_per_device=slots_per_device,
             num_devices=NUM_DEVICES,
-            split=split,
+            fused=fused,
         )
-        return total + q.sum(), None
+        return jnp.max(device_loads(q, device, valid, NUM_DEVICES)), jnp.sum(q, axis=1) == c
 
-    return jax.lax.scan(body, jnp.int32(0), counts)[0]
+    xla = [worst(c, False) for c in counts]
+    fused = [worst(c, True) for c in counts]
+    return {
+        "max_load_diff": max(abs(int(a[0]) - int(b[0])) for a, b in zip(xla, fused, strict=True)),
+        "sums_exact": all(bool(jnp.all(b[1])) for b in fused),
+    }
 
 
 def time_quotas(layers: int) -> dict:
@@ -69,6 +95,7 @@ def time_quotas(layers: int) -> dict:
 
     from moeless_jax.bench import time_fn
     from moeless_jax.moe import ReplicaTable
+
     rng = np.random.default_rng(0)
     tokens, top_k = 4096, 6
     popularity = rng.dirichlet(np.full(NUM_EXPERTS, 0.5), size=layers)
@@ -80,16 +107,21 @@ def time_quotas(layers: int) -> dict:
             rng, num_experts=NUM_EXPERTS, num_devices=NUM_DEVICES, slots_per_device=slots
         )
         expert_slots, replica_count = jnp.asarray(table.expert_slots), jnp.asarray(table.replica_count)
-        for split in ("even", "balanced"):
+        out.setdefault("fused_vs_xla", []).append(
+            compare_fused(counts[:16], expert_slots, replica_count, slots_per_device=slots)
+            | {"budget": budget}
+        )
+        for split in ("even", "balanced", "balanced_fused"):
             fn = jax.jit(partial(scan_quotas, slots_per_device=slots, split=split))
             args = (counts, expert_slots, replica_count)
             seconds = time_fn(lambda fn=fn, args=args: fn(*args), repeats=20, min_seconds=0.5)
             point = {"budget": budget, "split": split, "us_per_layer": seconds / layers * 1e6}
             out["points"].append(point)
             print(json.dumps(point), flush=True)
-    out["balanced_us_per_layer_mean"] = float(
-        np.mean([p["us_per_layer"] for p in out["points"] if p["split"] == "balanced"])
-    )
+    for split in ("balanced", "balanced_fused"):
+        out[f"{split}_us_per_layer_mean"] = float(
+            np.mean([p["us_per_layer"] for p in out["points"] if p["split"] == split])
+        )
     return out
 
 

@@ -116,3 +116,26 @@ def test_split_device_loads_batches_like_single_calls():
     device, valid = replica_devices(slots, 3)
     q = quotas_balanced(batch[0], slots, count, slots_per_device=3)
     np.testing.assert_array_equal(device_loads(q, device, valid, D), together[0])
+
+
+def test_fused_rounds_kernel_matches_the_xla_rounds():
+    from moeless_jax.moe.split import water_fill_rounds
+    from moeless_jax.moe.split_kernel import fused_rounds
+
+    rng = np.random.default_rng(3)
+    table = table_for(3, 4)
+    counts = jnp.asarray(skewed_counts(rng))
+    rows = jax.lax.top_k(jnp.asarray(table.replica_count), 12)[1]
+    device, valid = replica_devices(jnp.asarray(table.expert_slots), 4)
+    q0 = even_quotas(counts, jnp.asarray(table.replica_count), D)[rows].astype(jnp.float32)
+    args = (
+        q0,
+        device[rows],
+        valid[rows],
+        counts[rows].astype(jnp.float32),
+        jnp.full(12, 0.25),
+        jnp.asarray(rng.uniform(0, 200, D), jnp.float32),
+    )
+    want = water_fill_rounds(*args, iterations=10)
+    got = fused_rounds(*args, iterations=10, interpret=True)  # the kernel's own arithmetic, run on CPU
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)

@@ -10,6 +10,8 @@ where every one of its assignments goes without a host round trip.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -105,6 +107,7 @@ def balanced_quotas(
     slots_per_device: int,
     num_devices: int,
     iterations: int = 24,
+    fused: bool = True,
 ) -> jax.Array:
     """Integer quotas [E, R] that level device loads, for the experts' true token counts.
 
@@ -121,6 +124,8 @@ def balanced_quotas(
     ``P - E`` of them, so the rounds run on those rows alone.
 
     expert_totals: [E] tokens per expert; expert_slots: [E, R] (-1 padded); replica_count: [E].
+    ``fused`` runs the rounds as one Pallas kernel on CUDA GPUs (same result, a few kernels instead of ~100;
+    see :mod:`moeless_jax.moe.split_kernel`); other platforms always run the XLA rounds.
     """
     num_experts, r_max = expert_slots.shape
     even = even_quotas(expert_totals, replica_count, r_max)
@@ -139,14 +144,43 @@ def balanced_quotas(
     sharing = jnp.zeros(num_devices, jnp.float32).at[m_device].add(movable.astype(jnp.float32))
     step = 1.0 / jnp.maximum(jnp.max(jnp.where(m_valid, sharing[m_device], 1.0), axis=-1), 1.0)  # [M]
 
-    def round_(_, q):
-        loads = fixed + device_loads(q, m_device, m_valid, num_devices)
-        target = water_fill(loads[m_device] - q, m_totals, m_valid)
-        return q + step[:, None] * (target - q)
+    rounds_args = (even[rows].astype(jnp.float32), m_device, m_valid, m_totals, step, fixed)
+    xla = partial(water_fill_rounds, iterations=iterations)
+    if fused:  # one Pallas kernel on GPU; the XLA rounds elsewhere
+        from moeless_jax.moe.split_kernel import fused_rounds
 
-    fractional = jax.lax.fori_loop(0, iterations, round_, even[rows].astype(jnp.float32), unroll=True)
+        fractional = jax.lax.platform_dependent(
+            *rounds_args, cuda=partial(fused_rounds, iterations=iterations), default=xla
+        )
+    else:
+        fractional = xla(*rounds_args)
     balanced = even.at[rows].set(round_quotas(fractional, expert_totals[rows], m_valid))
     return jnp.where(worst(balanced) <= worst(even), balanced, even)
+
+
+def water_fill_rounds(
+    q: jax.Array,
+    device: jax.Array,
+    valid: jax.Array,
+    totals: jax.Array,
+    step: jax.Array,
+    fixed: jax.Array,
+    *,
+    iterations: int,
+) -> jax.Array:
+    """The balanced split's rounds over the replicated experts' rows.
+
+    q, device, valid: [M, R] quotas, replica devices, validity; totals, step: [M]; fixed: [D] device loads of
+    the experts that cannot move. Returns the fractional quotas after ``iterations`` rounds.
+    """
+    num_devices = fixed.shape[0]
+
+    def round_(_, q):
+        loads = fixed + device_loads(q, device, valid, num_devices)
+        target = water_fill(loads[device] - q, totals, valid)
+        return q + step[:, None] * (target - q)
+
+    return jax.lax.fori_loop(0, iterations, round_, q, unroll=True)
 
 
 def round_quotas(fractional: jax.Array, expert_totals: jax.Array, valid: jax.Array) -> jax.Array:
