@@ -24,6 +24,25 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _portable_command(argv: list[str]) -> str:
+    """The command line with machine-specific paths replaced: data folders by ``DATA_DIR`` (where the public
+    traces were put), other absolute paths outside the repo by ``<scratch>/...`` (a temporary output folder
+    whose files were copied under ``results/``)."""
+    cwd = Path.cwd().resolve()
+    words = [Path(argv[0]).name]
+    after_data = False
+    for arg in argv[1:]:
+        if after_data:
+            words.append("DATA_DIR")
+        elif arg.startswith("/"):
+            path = Path(arg).resolve()
+            words.append(str(path.relative_to(cwd)) if path.is_relative_to(cwd) else f"<scratch>/{path.name}")
+        else:
+            words.append(arg)
+        after_data = arg == "--data-dir"
+    return " ".join(words)
+
+
 def provenance(method: Method, *, device: str | None = None, note: str | None = None) -> dict[str, Any]:
     """Who, what and how: attach this under ``"provenance"`` in every results JSON.
 
@@ -35,7 +54,7 @@ def provenance(method: Method, *, device: str | None = None, note: str | None = 
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     info: dict[str, Any] = {
         "method": method,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": _portable_command(sys.argv),
         "date_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "host": platform.node(),
         "machine": f"{platform.system()} {platform.machine()}",
