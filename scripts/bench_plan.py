@@ -101,12 +101,13 @@ def time_config(experts, devices, slots, top_k, args, rng) -> dict:
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.thread_time() - c0)
             previous[name] = table
+            if name == "moeless":
+                fallbacks += fell_back
         w0, c0 = time.perf_counter(), time.thread_time()
         rebalance_experts(row[None, :], layout.num_slots, 1, 1, devices)
         wall["eplb"].append(time.perf_counter() - w0)
         cpu["eplb"].append(time.thread_time() - c0)
         used.append(int((previous["moeless"] >= 0).sum()))
-        fallbacks += fell_back
     row = {"experts": experts, "devices": devices, "slots_per_device": slots, "top_k": top_k}
     for name in wall:
         row[f"{name}_wall_us"] = 1e6 * float(np.median(wall[name]))

@@ -1,8 +1,10 @@
 """Expert placer (MoEless Alg. 2): valid tables, warm reuse, stability, topology, and move plans."""
 
+from unittest import mock
+
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moeless_jax.errors import InputError
@@ -16,6 +18,7 @@ from moeless_jax.plan import (
     static_slot_to_expert,
     tokens_per_device,
 )
+from moeless_jax.plan import placer as placer_module
 
 MODES = {  # name -> (reuse_warm, warm_slack in tokens)
     "paper": (True, None),
@@ -190,3 +193,77 @@ def test_bad_placement_inputs_are_rejected(count, loads, previous, problem):
 def test_static_layout_matches_the_replica_table():
     expected = ReplicaTable.static(num_experts=10, num_devices=4, slots_per_device=3).slot_to_expert
     np.testing.assert_array_equal(static_slot_to_expert(10, 4, 3), expected)
+
+
+@st.composite
+def slack_problems(draw):
+    """Counts, loads and a previous table for the warm-slack greedy: up to 16 devices, loads with ties and
+    zeros (or floats), and previous tables that are random, static, or the greedy's own answer to other loads
+    (the steady state of a policy)."""
+    devices = draw(st.integers(1, 16))
+    slots = draw(st.integers(2, 5))
+    experts = draw(st.integers(1, devices * slots))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+
+    def draw_loads():
+        if draw(st.booleans()):
+            return rng.choice([0, 1, 3, 3, 10, 50], experts)
+        return rng.random(experts) * 100
+
+    def draw_count(loads):
+        extra = int(rng.integers(0, devices * slots - experts + 1))
+        return scale_min_max(loads, extra_replicas=extra, max_per_expert=devices)
+
+    layout = {"num_experts": experts, "num_devices": devices, "slots_per_device": slots}
+    slack = draw(st.sampled_from([0.0, 1.0, 3.0, 25.0, 1e9]))
+    kind = draw(st.sampled_from(["random", "static", "placed"]))
+    if kind == "random":
+        previous = ReplicaTable.random(rng, **layout).slot_to_expert
+    elif kind == "static":
+        previous = static_slot_to_expert(experts, devices, slots)
+    else:
+        loads = draw_loads()
+        previous = place_replicas(
+            draw_count(loads),
+            loads,
+            num_devices=devices,
+            slots_per_device=slots,
+            previous=ReplicaTable.random(rng, **layout).slot_to_expert,
+            warm_slack=slack,
+        )
+    loads = draw_loads()
+    count = draw_count(loads)
+    return count, loads / count, devices, slots, np.asarray(previous, np.int64), slack
+
+
+@settings(max_examples=300)
+@given(slack_problems(), st.sampled_from(["scan", "heap"]))
+def test_fast_slack_greedy_matches_the_one_by_one_reference(problem, search):
+    count, share, devices, slots, previous, slack = problem
+    limit = 10**6 if search == "scan" else 0  # the least-loaded device by a scan of the loads, or a heap
+    with mock.patch.object(placer_module, "_SCAN_DEVICES", limit):
+        fast = placer_module._place_slack(count, share, devices, slots, previous, slack)
+    reference = placer_module._Placement(count, share, devices, slots, previous, None)
+    reference.place_one_by_one(slack)
+    if fast is None:  # cornered: the reference repairs the corner with an augmenting path
+        assert reference.augmented
+        return
+    assert not reference.augmented
+    table, device_load = reference.result()
+    np.testing.assert_array_equal(fast[0], table)
+    assert fast[1] == device_load  # the same sums, in the same order
+
+
+def test_a_cornered_slack_run_is_repaired_by_the_general_path():
+    # Heaviest first: expert 1 (25 per replica) on both devices, experts 2 and 3 (3 each) fill device 0,
+    # expert 0's first replica (1.5) goes to device 1 and its second has no device left without expert 0.
+    # The fast greedy stops there; the general one repairs the corner with an augmenting path and settles.
+    count, loads = np.array([2, 2, 1, 1]), np.array([3, 50, 3, 3])
+    previous = np.array([2, 3, 0, -1, 0, 1])  # 2 devices x 3 slots
+    share = loads / count
+    assert placer_module._place_slack(count, share, 2, 3, previous, 3.0) is None
+    out = place_replicas(count, loads, num_devices=2, slots_per_device=3, previous=previous, warm_slack=3.0)
+    table = ReplicaTable.from_slot_to_expert(out, num_experts=4, num_devices=2, slots_per_device=3)
+    np.testing.assert_array_equal(table.replica_count, count)
+    again = place_replicas(count, loads, num_devices=2, slots_per_device=3, previous=out, warm_slack=3.0)
+    np.testing.assert_array_equal(again, out)

@@ -1,12 +1,15 @@
 """Expert scaler (MoEless Alg. 1) and the fixed-budget min-max variant."""
 
+import heapq
+
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moeless_jax.errors import InputError
 from moeless_jax.plan import replica_cv, replicate_experts, scale_min_max, scale_to_cv
+from moeless_jax.plan.scaler import cv_counts
 
 
 @st.composite
@@ -94,3 +97,64 @@ def test_bad_loads_are_rejected(loads, problem):
 def test_a_cap_below_the_expert_count_is_rejected():
     with pytest.raises(InputError, match="cannot hold 3 experts"):
         scale_to_cv(np.ones(3), cv_target=0.2, max_replicas=2, max_per_expert=2)
+
+
+def heap_cv_counts(loads, cv_target, max_replicas, max_per_expert):
+    """Alg. 1 written out: while the CV is above the target, one more replica to the expert with the highest
+    load per replica (a max-heap; ties to the lower expert), within the slot cap and one replica per device.
+    The CV test uses the same float operations as the scaler (n * Q > T^2 * (1 + V^2), Q updated per step).
+    """
+    count = [1] * loads.size
+    budget = min(max_replicas - loads.size, loads.size * (max_per_expert - 1))
+    total = float(loads.sum())
+    if budget <= 0 or total <= 0:
+        return count
+    square_sum = float(np.dot(loads, loads))
+    limit = total * total * (1.0 + cv_target * cv_target)
+    values = loads.tolist()
+    heap = [(-load, e) for e, load in enumerate(values)] if max_per_expert > 1 else []
+    heapq.heapify(heap)
+    replicas = loads.size
+    while replicas - loads.size < budget and replicas * square_sum > limit and heap:
+        neg_share, e = heap[0]
+        if neg_share == 0.0:
+            break
+        r, load = count[e], values[e]
+        square_sum -= load * load / (r * (r + 1))
+        count[e] = r + 1
+        replicas += 1
+        if r + 1 < max_per_expert:
+            heapq.heapreplace(heap, (-load / (r + 1), e))
+        else:
+            heapq.heappop(heap)
+    return count
+
+
+@st.composite
+def wide_scaling_problems(draw):
+    """Loads with ties, zeros, a dominant expert or spread-out floats; caps from none to generous."""
+    experts = draw(st.integers(1, 80))
+    kind = draw(st.sampled_from(["ties", "skewed", "floats", "one"]))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    if kind == "ties":
+        loads = rng.choice([0, 0, 1, 4, 4, 9, 30, 200], experts).astype(np.float64)
+    elif kind == "skewed":
+        popularity = rng.dirichlet(np.full(experts, 0.3))
+        loads = rng.multinomial(int(rng.integers(0, 20000)), popularity).astype(np.float64)
+    elif kind == "floats":
+        loads = rng.random(experts) ** 3 * 10 ** rng.uniform(-3, 4)
+    else:
+        loads = np.zeros(experts)
+        loads[rng.integers(0, experts)] = rng.integers(1, 1000)
+    devices = draw(st.integers(1, 70))
+    cap = draw(st.integers(experts, experts + 2 * devices + 2))
+    cv = draw(st.sampled_from([0.0, 0.05, 0.2, 1.0]))
+    return loads, cap, devices, cv
+
+
+@settings(max_examples=300)
+@given(wide_scaling_problems())
+def test_cv_counts_match_the_heap_loop(problem):
+    loads, cap, devices, cv = problem
+    np.testing.assert_array_equal(cv_counts(loads, cv, cap, devices), heap_cv_counts(loads, cv, cap, devices))

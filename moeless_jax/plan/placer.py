@@ -29,6 +29,10 @@ placement always exists.
 With a :class:`~moeless_jax.plan.topology.Topology`, a cold replica may go to a device up to
 ``locality_slack`` x its own load heavier than the least-loaded one when that shortens the weight copy (same
 pair, then same node as a replica of the previous table).
+
+The ``warm_slack`` rule without a topology has a fast path, :func:`_place_slack`, that makes the same choices
+(slot for slot, the property tests compare the two) with less work per replica; it hands a cornered run to
+the general one.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass
+from functools import lru_cache
+from heapq import heappop, heappush, heapreplace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -91,22 +97,29 @@ def place_checked(
     previous: ``[P]`` int64 or None. Returns ``(slot_to_expert [P] int64, device_load [D])`` where
     ``device_load`` sums ``share`` over each device's replicas.
     """
-    state = _Placement(count, share, num_devices, slots_per_device, previous, topology)
     if previous is None or not reuse_warm:
+        state = _Placement(count, share, num_devices, slots_per_device, previous, topology)
         state.place_missing(warm_slots=previous is not None)
         return state.result()
     if warm_slack is None or slots_per_device == 1:
         # With one slot per device a device's load is its replica's, wherever it sits: keeping every warm
         # replica costs no balance, so the paper's rule is also the slack rule's answer there.
+        state = _Placement(count, share, num_devices, slots_per_device, previous, topology)
         state.pin_warm()
         state.place_missing(warm_slots=False)
         return state.result()
+    fast = topology is None and warm_slack >= 0
     for _ in range(_MAX_REPLACE):
+        if fast:
+            placed = _place_slack(count, share, num_devices, slots_per_device, previous, warm_slack)
+            if placed is not None:
+                return placed
+        state = _Placement(count, share, num_devices, slots_per_device, previous, topology)
         state.place_one_by_one(warm_slack)
         if not state.augmented:
             break
         # A repaired corner moved replicas placed earlier; settle on a table that places back onto itself.
-        state = _Placement(count, share, num_devices, slots_per_device, state.result()[0], topology)
+        previous = state.result()[0]
     return state.result()
 
 
@@ -134,6 +147,311 @@ def _check(replica_count, expert_loads, num_devices, slots_per_device, previous)
             raise InputError("previous has two replicas of one expert on a device")
     count = count.astype(np.int64)
     return count, loads.astype(np.float64) / count, previous
+
+
+_INF = float("inf")
+# Up to this many devices a linear scan of the loads finds the least-loaded device faster than a heap.
+_SCAN_DEVICES = 10
+
+
+@lru_cache(maxsize=16)
+def _slot_keys(num_experts: int, num_devices: int, slots_per_device: int) -> tuple[np.ndarray, ...]:
+    """Constants of a layout: ``device(p) * (E + 1)`` per slot, ``0..E-1`` and ``-1..E``."""
+    device = np.arange(num_devices * slots_per_device) // slots_per_device
+    keys = device * (num_experts + 1), np.arange(num_experts), np.arange(-1, num_experts + 1)
+    for array in keys:
+        array.flags.writeable = False
+    return keys
+
+
+def _place_slack(
+    count: np.ndarray,
+    share: np.ndarray,
+    num_devices: int,
+    slots_per_device: int,
+    previous: np.ndarray,
+    warm_slack: float,
+) -> tuple[np.ndarray, list[float]] | None:
+    """``_Placement.place_one_by_one`` without a topology, choice for choice; ``None`` when cornered.
+
+    The same heaviest-first greedy, with less bookkeeping per replica:
+
+    - ``lf[d]``: the load of device ``d`` while it has a free slot, inf once full. The least-loaded device is
+      ``min(lf)`` (``lf.index`` gives the lower device on ties) up to ``_SCAN_DEVICES`` devices, else the top
+      of a heap of ``(load, device)`` entries that are brought up to date when they reach the top. The
+      reference's tie rule (prefer a device with a free slot no expert still to come holds warm) only runs
+      when the lower of the tied devices has no such slot.
+    - The least load never decreases, so a bound ``lim`` (an earlier least load plus the slack) settles most
+      warm reuses without a search: at or under it, a warm slot is within the slack.
+    - ``avail[d]``: device ``d``'s free slots that no expert still to come holds warm, in the reference's
+      take order (slots empty before first, then the slots experts left behind, as they leave them). A cold
+      replica takes the first; with none it evicts the free warm slot of the expert placed last on ``d``,
+      ``take[top[d]]`` (the slots of each device ordered by when their previous expert is placed).
+    - An expert with several replicas changes no load but those of the devices it takes; those are left out
+      of the search (masked in ``lf``, or their heap entries set aside) until all its replicas are placed.
+      Its warm candidates are its free warm slots, least-loaded first.
+    """
+    s = slots_per_device
+    num_experts = count.size
+    num_slots = num_devices * s
+    slot_key, expert_range, search = _slot_keys(num_experts, num_devices, s)
+    order = (-share).argsort(kind="stable")  # heaviest first, ties to the lower expert
+    rank = np.empty(num_experts + 1, np.int64)
+    rank[order] = expert_range
+    rank[num_experts] = -1  # empty slots (-1) come first
+    take = (slot_key + rank[previous]).argsort(kind="stable").tolist()
+    by_expert = previous.argsort(kind="stable")  # warm slots of e: by_expert[bounds[e + 1] : bounds[e + 2]]
+    bounds = previous[by_expert].searchsorted(search).tolist()
+    by_expert = by_expert.tolist()
+    avail: list[list[int]] = [[] for _ in range(num_devices)]
+    for q in by_expert[: bounds[1]]:
+        avail[q // s].append(q)
+    out = [-1] * num_slots
+    lf = [0.0] * num_devices
+    load = [0.0] * num_devices  # final device loads, filled in as devices fill up
+    free = [s] * num_devices
+    state = (out, lf, load, free, avail, take, list(range(s - 1, num_slots, s)), by_expert, bounds, s)
+    greedy = _slack_scan if num_devices <= _SCAN_DEVICES else _slack_heap
+    if not greedy(share[order].tolist(), order.tolist(), count.tolist(), float(warm_slack), *state):
+        return None
+    for d in range(num_devices):
+        if free[d]:
+            load[d] = lf[d]
+    return np.fromiter(out, np.int64, num_slots), load
+
+
+def _slack_scan(
+    shares, experts, counts, warm_slack, out, lf, load, free, avail, take, top, by_expert, bounds, s
+):
+    """The greedy of :func:`_place_slack`, finding the least-loaded device by scanning ``lf``; False when
+    cornered."""
+    lim = warm_slack
+    for x, e in zip(shares, experts, strict=True):
+        lo = bounds[e + 1]
+        hi = bounds[e + 2]
+        if counts[e] == 1:
+            if hi - lo == 1:
+                p = by_expert[lo]
+                if out[p] >= 0:  # evicted
+                    p = -1
+                else:
+                    w = p // s
+            elif hi == lo:
+                p = -1
+            else:
+                p, w = _least_warm_slot(by_expert[lo:hi], out, lf, avail, s)
+            if p >= 0:
+                if lf[w] <= lim or lf[w] <= (lim := (m := min(lf)) + warm_slack):
+                    out[p] = e
+                    lf[w] += x
+                    free[w] -= 1
+                    if not free[w]:
+                        load[w] = lf[w]
+                        lf[w] = _INF
+                    continue
+                avail[w].append(p)  # too heavy: e goes cold and its warm slot is free for anyone
+            else:
+                m = min(lf)
+                lim = m + warm_slack
+            d = lf.index(m)
+            if avail[d]:
+                out[avail[d].pop(0)] = e
+            elif lf.count(m) > 1 and avail[d := _prefer_unreserved(lf, m, avail, d, ())]:
+                out[avail[d].pop(0)] = e
+            else:  # every free slot of d is still held warm: evict the expert placed last
+                out[take[top[d]]] = e
+                top[d] -= 1
+            lf[d] += x
+            free[d] -= 1
+            if not free[d]:
+                load[d] = lf[d]
+                lf[d] = _INF
+            continue
+        cand = [(lf[q // s], q) for q in by_expert[lo:hi] if out[q] < 0]  # free warm slots by load
+        if len(cand) > 1:
+            cand.sort()
+        num_warm = len(cand)
+        j = 0
+        used: list[int] = []
+        for _ in range(counts[e]):
+            if j < num_warm and cand[j][0] <= lim:
+                p = cand[j][1]
+                j += 1
+                out[p] = e
+                d = p // s
+            else:
+                m = min(lf)  # (the devices e holds are masked)
+                if j < num_warm and cand[j][0] <= m + warm_slack:
+                    p = cand[j][1]
+                    j += 1
+                    out[p] = e
+                    d = p // s
+                elif m == _INF:
+                    return False
+                else:
+                    d = lf.index(m)
+                    if avail[d]:
+                        out[avail[d].pop(0)] = e
+                    elif lf.count(m) > 1 and avail[d := _prefer_unreserved(lf, m, avail, d, used)]:
+                        out[avail[d].pop(0)] = e
+                    else:
+                        out[take[top[d]]] = e
+                        top[d] -= 1
+            used.append(d)
+            load[d] = lf[d] + x  # e's load on d, masked until all its replicas are placed
+            lf[d] = _INF
+        for d in used:
+            free[d] -= 1
+            if free[d]:
+                lf[d] = load[d]
+        for _, q in cand[j:]:
+            avail[q // s].append(q)
+    return True
+
+
+def _slack_heap(
+    shares, experts, counts, warm_slack, out, lf, load, free, avail, take, top, by_expert, bounds, s
+):
+    """The greedy of :func:`_place_slack` with a heap of ``(load, device)`` entries, each device's entry at
+    most its load (brought up to date when it reaches the top); False when cornered."""
+    num_devices = len(lf)
+    # Two sentinels at inf (devices D and D + 1, inf in lf too) keep heap[1] and heap[2] there for the tie
+    # test: a device tied with the top sits in one of those two subtrees, whose roots then hold its load.
+    heap = [(0.0, d) for d in range(num_devices)]
+    heap += [(_INF, num_devices), (_INF, num_devices + 1)]
+    lf += [_INF, _INF]
+    lim = warm_slack
+    for x, e in zip(shares, experts, strict=True):
+        lo = bounds[e + 1]
+        hi = bounds[e + 2]
+        if counts[e] == 1:
+            if hi - lo == 1:
+                p = by_expert[lo]
+                if out[p] >= 0:  # evicted
+                    p = -1
+                else:
+                    w = p // s
+            elif hi == lo:
+                p = -1
+            else:
+                p, w = _least_warm_slot(by_expert[lo:hi], out, lf, avail, s)
+            if p < 0 or lf[w] > lim:
+                while True:  # bring the top entry up to date
+                    m, d = heap[0]
+                    v = lf[d]
+                    if v == m:
+                        break
+                    if v == _INF:
+                        heappop(heap)
+                    else:
+                        heapreplace(heap, (v, d))
+                lim = m + warm_slack
+            if p >= 0:
+                if lf[w] <= lim:
+                    out[p] = e
+                    lf[w] += x
+                    free[w] -= 1
+                    if not free[w]:
+                        load[w] = lf[w]
+                        lf[w] = _INF
+                    continue
+                avail[w].append(p)  # too heavy: e goes cold and its warm slot is free for anyone
+            if avail[d]:
+                out[avail[d].pop(0)] = e
+            elif (heap[1][0] == m or heap[2][0] == m) and avail[d := _prefer_unreserved(lf, m, avail, d, ())]:
+                out[avail[d].pop(0)] = e
+            else:  # every free slot of d is still held warm: evict the expert placed last
+                out[take[top[d]]] = e
+                top[d] -= 1
+            v = lf[d] = m + x
+            free[d] -= 1
+            if not free[d]:
+                load[d] = v
+                lf[d] = _INF
+            elif heap[0][1] == d:
+                heapreplace(heap, (v, d))
+            continue
+        cand = [(lf[q // s], q) for q in by_expert[lo:hi] if out[q] < 0]  # free warm slots by load
+        if len(cand) > 1:
+            cand.sort()
+        num_warm = len(cand)
+        j = 0
+        used: list[int] = []
+        aside = []  # top entries of devices e holds, set aside until e is placed
+        for _ in range(counts[e]):
+            if j < num_warm and cand[j][0] <= lim:
+                p = cand[j][1]
+                j += 1
+                out[p] = e
+                used.append(p // s)
+                continue
+            while True:
+                m, d = heap[0]
+                v = lf[d]
+                if v != m:
+                    if v == _INF:
+                        heappop(heap)
+                    else:
+                        heapreplace(heap, (v, d))
+                elif d in used:
+                    aside.append(heappop(heap))
+                else:
+                    break
+            if j < num_warm and cand[j][0] <= m + warm_slack:
+                p = cand[j][1]
+                d = p // s
+                j += 1
+                out[p] = e
+            elif m == _INF:
+                return False
+            elif avail[d]:
+                out[avail[d].pop(0)] = e
+            elif (heap[1][0] == m or heap[2][0] == m) and avail[
+                d := _prefer_unreserved(lf, m, avail, d, used)
+            ]:
+                out[avail[d].pop(0)] = e
+            else:
+                out[take[top[d]]] = e
+                top[d] -= 1
+            used.append(d)
+        for d in used:
+            lf[d] += x
+            free[d] -= 1
+            if not free[d]:
+                load[d] = lf[d]
+                lf[d] = _INF
+        for _, d in aside:
+            if free[d]:
+                heappush(heap, (lf[d], d))
+        for _, q in cand[j:]:
+            avail[q // s].append(q)
+    del lf[num_devices:]
+    return True
+
+
+def _least_warm_slot(slots: list[int], out: list[int], lf: list[float], avail: list[list[int]], s: int):
+    """One replica, several warm slots: ``(slot, device)`` of the free one on the least-loaded device (the
+    lower slot on ties), ``(-1, -1)`` with none. The other free ones are let go (they are not where the
+    expert goes, so letting them go before it is placed changes no choice)."""
+    p = w = -1
+    for q in slots:
+        if out[q] < 0:
+            if p < 0 or lf[q // s] < lf[w]:
+                if p >= 0:
+                    avail[w].append(p)
+                p, w = q, q // s
+            else:
+                avail[q // s].append(q)
+    return p, w
+
+
+def _prefer_unreserved(lf: list[float], m: float, avail: list[list[int]], d: int, used) -> int:
+    """Among the devices at the least load ``m`` (``d`` is the lowest) and not in ``used``, the lowest with a
+    free slot that no expert still to come holds warm; ``d`` if there is none."""
+    for c in range(d, len(avail)):
+        if lf[c] == m and avail[c] and c not in used:
+            return c
+    return d
 
 
 class _Placement:

@@ -183,7 +183,9 @@ class MoEless(Policy):
         load = loads.astype(np.float64, copy=False)
         count = cv_counts(load, config.cv_target, layout.replica_cap, num_devices)
         share = load / count
-        warm_slack = None if config.warm_slack is None else config.warm_slack * load.sum() / num_devices
+        warm_slack = config.warm_slack
+        if warm_slack is not None:  # in load units, as a Python float (the placer compares it per replica)
+            warm_slack = warm_slack * float(load.sum()) / num_devices
         placement = (count, share, num_devices, slots)
         options = (config.reuse_warm, warm_slack, self.topology)
         table, device_load = place_checked(*placement, previous, *options)

@@ -6,12 +6,14 @@ answer. An expert never gets more than ``max_per_expert`` replicas (one per devi
 
 Adding a replica to expert ``e`` at count ``r`` changes the sum of squared per-replica loads
 ``Q = sum_e L_e^2 / r_e`` by ``L_e^2 / (r + 1) - L_e^2 / r``, so the coefficient of variation is updated in
-O(1) per step instead of recomputed over all replicas.
+O(1) per step instead of recomputed over all replicas. The CV rule sorts the candidate picks with numpy
+instead of popping a heap (same picks in the same order).
 """
 
 from __future__ import annotations
 
 import heapq
+from functools import lru_cache
 
 import numpy as np
 
@@ -31,38 +33,64 @@ def scale_to_cv(
 
 
 def cv_counts(loads: np.ndarray, cv_target: float, max_replicas: int, max_per_expert: int) -> np.ndarray:
-    """:func:`scale_to_cv` on a checked float64 ``[E]`` vector (the hot path)."""
+    """:func:`scale_to_cv` on a checked float64 ``[E]`` vector (the hot path).
+
+    The heap pops replicas in descending order of ``load_e / r`` (the load per replica before the pick), ties
+    to the lower expert, so the order of every possible pick is known up front: numpy sorts the candidates,
+    and only the CV test runs pick by pick, with the same float operations as the heap loop.
+    """
     num_experts = loads.size
-    count = np.ones(num_experts, np.int64)
     budget = min(max_replicas - num_experts, num_experts * (max_per_expert - 1))
     total = float(loads.sum())
     if budget <= 0 or total <= 0:
-        return count
+        return np.ones(num_experts, np.int64)
     # CV > V  <=>  n * Q > T^2 * (1 + V^2), with Q = sum_e L_e^2 / r_e: no square root or division per step.
     square_sum = float(np.dot(loads, loads))
     limit = total * total * (1.0 + cv_target * cv_target)
-    replicas, added = num_experts, 0
-    grown: dict[int, int] = {}
-    values = loads.tolist()
-    heap = _heap(loads, budget, max_per_expert)
-    while added < budget and replicas * square_sum > limit and heap:
-        neg_share, e = heap[0]
-        if neg_share == 0.0:
-            break  # only idle experts can still grow; another replica would only lower the mean
-        r = grown.get(e, 1)
-        load = values[e]
-        square_sum -= load * load / (r * (r + 1))
+    if num_experts * square_sum <= limit:
+        return np.ones(num_experts, np.int64)
+    # The first `budget` picks all have keys >= kth, the budget-th largest load (the top experts' first picks
+    # are `budget` such keys), so only experts with load >= kth and their first load_max / kth picks count.
+    steps = min(max_per_expert - 1, budget)
+    if budget < num_experts:
+        part = loads.copy()
+        part.partition(num_experts - budget)
+        kth = float(part[num_experts - budget])
+        top = (loads >= kth).nonzero()[0]
+        if kth > 0 and steps > 8:  # (a narrower candidate table only pays when it is wide)
+            steps = min(steps, int(float(loads.max()) // kth) + 1)
+    else:
+        kth = 0.0
+        top = loads.nonzero()[0]  # idle experts never get a second replica
+    top_load = loads[top]
+    # [expert, r - 1]: minus the load per replica before the pick; row-major, so ties go to the lower expert.
+    picks = np.divide.outer(top_load, _minus_divisors(steps)).ravel().argsort(kind="stable")
+    picks = picks[:budget].tolist()
+    top, top_load = top.tolist(), top_load.tolist()
+    replicas = num_experts
+    grown = []
+    for pick in picks:
+        if replicas * square_sum <= limit:
+            break
+        i, r = divmod(pick, steps)
+        load = top_load[i]
         r += 1
-        grown[e] = r
+        if kth <= 0 and load / r == 0.0:  # (keys >= kth > 0 otherwise)
+            break  # only idle experts can still grow; another replica would only lower the mean
+        square_sum -= load * load / (r * (r + 1))
         replicas += 1
-        added += 1
-        if r < max_per_expert:
-            heapq.heapreplace(heap, (-load / r, e))
-        else:
-            heapq.heappop(heap)
-    for e, r in grown.items():
-        count[e] = r
+        grown.append(top[i])
+    count = np.bincount(grown, minlength=num_experts)
+    count += 1
     return count
+
+
+@lru_cache(maxsize=64)
+def _minus_divisors(steps: int) -> np.ndarray:
+    """``-1, -2, ..., -steps`` as float64 (``load / -r`` is exactly ``-(load / r)``)."""
+    divisors = -np.arange(1, steps + 1, dtype=np.float64)
+    divisors.flags.writeable = False
+    return divisors
 
 
 def scale_min_max(expert_loads: np.ndarray, *, extra_replicas: int, max_per_expert: int) -> np.ndarray:
