@@ -3,6 +3,7 @@
 ``--part quota``  time of the quota computation per layer on the default device (CPU or GPU): a jitted scan
                   over many layers' expert counts, so the per-layer figure is device time without the Python
                   dispatch of one call. Writes ``quota_<platform>.json``.
+``--part merge``  refresh the quota timings inside an existing ``summary.json``.
 ``--part eval``   the real-trace evaluation: DeepSeek-V2-Lite routing (MoE-Beyond), test prompts, batches from
                   Azure conversation arrivals in 1-s windows; max device load against Oracle (perfect
                   balance) for {even, balanced} x {history, MoEless-forecast, perfect-forecast placement} x
@@ -29,7 +30,7 @@ NUM_EXPERTS, NUM_DEVICES = 64, 8  # DeepSeek-V2-Lite's routed experts on 8 devic
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=("quota", "eval"), required=True)
+    p.add_argument("--part", choices=("quota", "eval", "merge"), required=True)
     p.add_argument("--out-dir", default="results/split")
     p.add_argument("--data-dir", help="folder holding moe-beyond/ and azure-llm-2023/ (eval part)")
     p.add_argument("--layers", type=int, default=256, help="layers per timed scan (quota part)")
@@ -142,9 +143,9 @@ def main(argv=None) -> int:
     if args.part == "quota":
         quota_part(args)
     else:
-        from split_eval import eval_part  # the trace evaluation lives beside this script
+        from split_eval import eval_part, merge_part  # the trace evaluation lives beside this script
 
-        eval_part(args)
+        (eval_part if args.part == "eval" else merge_part)(args)
     return 0
 
 
