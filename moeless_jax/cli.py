@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "moeless_jax.demo",
     "moeless_jax.traces.cli",
     "moeless_jax.plan.cli",
+    "moeless_jax.predict.cli",
 )
 
 

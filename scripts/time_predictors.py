@@ -1,0 +1,107 @@
+"""Time the routing_only predictor for one batch -> results/predict/timing_<backend>.json.
+
+Times do not depend on the weights or the routing values, only on the shapes, so this needs no data: it
+builds a synthetic routing trace of the model's shape (default DeepSeek-V2-Lite: 26 MoE layers, 64 experts,
+top-6) and a predictor of the configured size (restored from ``--checkpoint`` if given, else initialised).
+Reported, as medians over ``--repeats`` calls after a compile call:
+
+- ``ms_per_layer``: ``predict`` of every target layer in one call, divided by the number of targets
+  (host input preparation and transfers included);
+- ``ms_single_layer``: ``predict`` of one target layer alone;
+- ``device_ms_per_layer``: the jitted forecast alone on inputs already on the device, per target layer.
+
+Usage (on the machine to time, from the repo root):
+  python scripts/time_predictors.py [--checkpoint DIR | --config configs/predict.yaml] [--tokens 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from moeless_jax.config import load_config  # noqa: E402
+from moeless_jax.predict import RoutingOnly, RoutingOnlyConfig, time_per_layer  # noqa: E402
+from moeless_jax.provenance import write_json  # noqa: E402
+from moeless_jax.traces import synthetic_trace  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--checkpoint", type=Path, help="a fitted routing_only checkpoint")
+    how.add_argument("--config", type=Path, help="YAML with a routing_only section (default: built-in)")
+    p.add_argument("--distance", type=int, default=1)
+    p.add_argument("--layers", type=int, default=26)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=6)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--out-dir", type=Path, default=Path("results/predict"))
+    return p.parse_args(argv)
+
+
+def build(args, trace):
+    if args.checkpoint:
+        from moeless_jax.predict import load_predictor  # orbax is needed only here
+
+        return load_predictor(args.checkpoint)
+    config = load_config(RoutingOnlyConfig, args.config, section="routing_only") if args.config else \
+        RoutingOnlyConfig()
+    # Timing depends on shapes only, so untrained parameters of the configured size will do.
+    return RoutingOnly(args.distance, config).initialise(trace.num_layers, trace.num_experts, trace.top_k)
+
+
+def device_time(predictor, trace, batch, repeats: int) -> float:
+    """Median ms per target layer of the jitted forecast alone (inputs already on the device)."""
+    import jax
+
+    from moeless_jax.predict.routing_only import _forecast, batch_inputs
+
+    inputs = [jax.device_put(array) for array in batch_inputs(trace, batch)]
+    targets = tuple(range(predictor.targets.size))
+
+    def call():
+        return _forecast(predictor._graphdef, predictor._params, *inputs, targets=targets,
+                         num_experts=predictor.num_experts, top_k=predictor.top_k)
+
+    jax.block_until_ready(call())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return float(1e3 * np.median(times) / len(targets))
+
+
+def main(argv=None) -> int:
+    import jax
+
+    args = parse_args(argv)
+    per_request = 64
+    trace = synthetic_trace(num_requests=-(-args.tokens // per_request) + 8, mean_tokens=per_request,
+                            num_layers=args.layers, num_experts=args.experts, top_k=args.top_k, seed=0)
+    predictor = build(args, trace)
+    batch = np.arange(args.tokens, dtype=np.int64) % trace.num_tokens
+    result = time_per_layer(predictor, trace, batch_tokens=args.tokens, repeats=args.repeats)
+    result["device_ms_per_layer"] = device_time(predictor, trace, batch, args.repeats)
+    result |= {"predictor": predictor.name, "distance": predictor.distance, "bytes": predictor.num_bytes(),
+               "config": predictor.settings(), "shape": list(predictor.shape), "repeats": args.repeats,
+               "parameters": "restored checkpoint" if args.checkpoint else "initialised, untrained"}
+    backend = jax.default_backend()
+    path = write_json(args.out_dir / f"timing_{backend}.json", result, method="measured",
+                      note=f"routing_only forecast time on {jax.devices()[0].device_kind} ({backend}); "
+                           "synthetic routing of the model's shape (times depend on shapes only)")
+    print(f"wrote {path}")
+    for key in ("ms_per_layer", "ms_single_layer", "device_ms_per_layer", "bytes"):
+        print(f"  {key}: {result[key]:.4g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
