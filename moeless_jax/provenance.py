@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -41,6 +42,26 @@ def _portable_command(argv: list[str]) -> str:
             words.append(arg)
         after_data = arg == "--data-dir"
     return " ".join(words)
+
+
+def cpu_name() -> str:
+    """The host CPU's model name and logical CPU count (host-side timings say which CPU they ran on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
+
+
+def compute_device_name() -> str:
+    """What jax computes on: the accelerator's kind, or the host CPU's name on the CPU backend."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return cpu_name()
+    return f"{jax.devices()[0].device_kind} (jax {jax.default_backend()} backend)"
 
 
 def provenance(method: Method, *, device: str | None = None, note: str | None = None) -> dict[str, Any]:

@@ -24,8 +24,6 @@ DATA is the folder holding ``moe-beyond/`` (see docs/traces.md for where the tra
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -43,7 +41,7 @@ from moeless_jax.plan import (  # noqa: E402
     make_policy,
     rebalance_experts,
 )
-from moeless_jax.provenance import write_json  # noqa: E402
+from moeless_jax.provenance import cpu_name, write_json  # noqa: E402
 
 # (experts, devices, slots per device, top-k, name): Mixtral-8x7B on 8 devices, DeepSeek-V2-Lite on 8,
 # DeepSeek-V3 on 64, and DeepSeek-V3 as deployed for decoding on 320 GPUs (one slot each; 64 redundant).
@@ -247,14 +245,6 @@ def plot(path: Path, rows: dict, curves: dict | None) -> None:
     plt.close(fig)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
 
 
 def main(argv=None) -> int:

@@ -13,12 +13,14 @@ For each distance d = 1..4 it fits and scores, on the same batches in arrival or
 
 Accuracy (1 - total variation of the normalised load vectors), hot-expert recall (top 8 of 64) and Pearson r
 are computed per batch and target layer. Predictor bytes are the stored parameter bytes; time per layer is
-measured on this machine's CPU for a 4096-token batch (``timing.json``). Fitting on the 2-core CPU takes a
-few minutes per distance; scoring every batch takes longer (progress bars show both).
+measured on whatever jax computes on (a 4096-token batch, ``timing.json`` names the device). On a 2-core CPU
+fitting takes several minutes per distance and scoring every batch about as long (progress bars show both);
+on a GPU both take well under a minute. Each distance's results are kept in ``OUT/per_distance/d<D>.json``;
+``--resume`` reuses them, so the distances can be run in separate invocations.
 
 Usage:
   python scripts/eval_predictors.py --data-dir DATA [--out-dir results/predict] [--distances 1 2 3 4]
-      [--config configs/predict.yaml] [--max-batches N] [--checkpoint-dir DIR]
+      [--config configs/predict.yaml] [--max-batches N] [--checkpoint-dir DIR] [--resume]
 
 DATA is the folder holding ``moe-beyond/`` and ``azure-llm-2023/`` (docs/traces.md says where they come from).
 """
@@ -27,8 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
+import json
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ from moeless_jax.predict import (  # noqa: E402
     score_batches,
     time_per_layer,
 )
-from moeless_jax.provenance import write_json  # noqa: E402
+from moeless_jax.provenance import compute_device_name, write_json  # noqa: E402
 from moeless_jax.traces import read_azure_arrivals, read_moe_beyond, window_batches  # noqa: E402
 
 PREDICTORS = ("history", "history_window", "history_ema", "routing_only", "oracle")
@@ -61,7 +62,7 @@ TARGETS = {"routing_only_acc_d1_mean": 0.90, "routing_only_bytes": 5e6, "routing
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-dir", required=True, type=Path, help="folder with moe-beyond/ and azure-llm-2023/")
+    p.add_argument("--data-dir", type=Path, help="folder with moe-beyond/ and azure-llm-2023/")
     p.add_argument("--out-dir", type=Path, default=Path("results/predict"))
     p.add_argument("--distances", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--config", type=Path, help="YAML with a routing_only section (default: built-in config)")
@@ -72,6 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timing-tokens", type=int, default=4096)
     p.add_argument("--timing-repeats", type=int, default=10)
     p.add_argument("--checkpoint-dir", type=Path, help="also save each fitted routing_only predictor here")
+    p.add_argument("--plot-only", action="store_true",
+                   help="only redraw OUT/summary.png from OUT/summary.json (when the run had no matplotlib)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse OUT/per_distance/d<D>.json from an earlier run with the same data and config")
     return p.parse_args(argv)
 
 
@@ -119,6 +124,24 @@ def evaluate_distance(distance: int, config: RoutingOnlyConfig, fit, test, batch
     return results
 
 
+def distance_results(distance: int, config: RoutingOnlyConfig, fit, test, batches, args) -> dict:
+    """One distance's results: evaluated now, or read back from an earlier run when ``--resume`` is set."""
+    path = args.out_dir / "per_distance" / f"d{distance}.json"
+    identity = {"routing_only_config": config.__dict__, "num_batches": len(batches), "split": args.split,
+                "seed": args.seed, "window_s": args.window_s}
+    if args.resume and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("identity") != identity:
+            raise SystemExit(f"{path} was produced with different settings ({saved.get('identity')}); "
+                             "delete it or run without --resume")
+        print(f"  d={distance}: reusing {path}", flush=True)
+        return saved["results"]
+    results = evaluate_distance(distance, config, fit, test, batches, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"identity": identity, "results": results}, default=float) + "\n")
+    return json.loads(path.read_text())["results"]  # the same (string-keyed) form a resumed run sees
+
+
 def without_online_correction(predictor: RoutingOnly) -> RoutingOnly:
     """The same fitted network with ``online_alpha = 0`` (the ablation of the online correction)."""
     raw = RoutingOnly(predictor.distance, dataclasses.replace(predictor.config, online_alpha=0.0))
@@ -163,7 +186,7 @@ def targets_met(flat: dict) -> dict:
         "routing_only_acc_d1_mean >= 0.90": acc is not None and acc >= 0.90,
         "routing_only beats history on every layer at d=1": beats == flat.get("layers_total_d1"),
         "routing_only_bytes <= 5 MB": size is not None and size <= 5e6,
-        "routing_only_ms_per_layer <= 0.2 (this CPU, 4096 tokens)": ms is not None and ms <= 0.2,
+        "routing_only_ms_per_layer <= 0.2 (4096 tokens)": ms is not None and ms <= 0.2,
     }
 
 
@@ -195,26 +218,25 @@ def plot(path: Path, per_distance: dict[int, dict]) -> None:
     plt.close(fig)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plot_only:
+        saved = json.loads((args.out_dir / "summary.json").read_text())["per_distance"]
+        plot(args.out_dir / "summary.png", {int(d): results for d, results in saved.items()})
+        print(f"wrote {args.out_dir / 'summary.png'}")
+        return 0
+    if args.data_dir is None:
+        raise SystemExit("--data-dir is required: the folder holding moe-beyond/ and azure-llm-2023/")
     config = load_config(RoutingOnlyConfig, args.config, section="routing_only") if args.config else \
         RoutingOnlyConfig()
     fit, test, batches = load_data(args)
     print(f"fit: {fit.requests.size} prompts, {fit.num_tokens} tokens; test: {test.requests.size} prompts, "
           f"{len(batches)} batches of {np.mean([len(b) for b in batches]):.0f} tokens on average", flush=True)
-    per_distance = {d: evaluate_distance(d, config, fit, test, batches, args) for d in args.distances}
+    per_distance = {d: distance_results(d, config, fit, test, batches, args) for d in args.distances}
     flat = flatten(per_distance)
-    device = cpu_name()
+    device = compute_device_name()
     summary = {
         **flat,
         "targets_met": targets_met(flat),
@@ -235,14 +257,16 @@ def main(argv=None) -> int:
         },
         "per_distance": {str(d): results for d, results in per_distance.items()},
     }
-    note = (f"accuracy, recall and Pearson r computed from the routing trace; times measured on this "
-            f"machine's CPU ({device}), jax CPU backend")
+    note = (f"accuracy, recall and Pearson r computed from the routing trace; fitting and times on {device}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = write_json(args.out_dir / "summary.json", summary, method="computed", device=device, note=note)
     timing = {f"d{d}": results["routing_only"]["timing"] for d, results in per_distance.items()}
     write_json(args.out_dir / "timing.json", timing, method="measured", device=device,
-               note="routing_only forecast time on this machine's CPU (jax CPU backend)")
-    plot(args.out_dir / "summary.png", per_distance)
+               note=f"routing_only forecast time on {device}")
+    try:
+        plot(args.out_dir / "summary.png", per_distance)
+    except ImportError as err:
+        print(f"no plot ({err}); draw it later with --plot-only --out-dir {args.out_dir}")
     print(f"wrote {path}, {args.out_dir / 'timing.json'} and {args.out_dir / 'summary.png'}")
     for key in ("routing_only_acc_d1_mean", "history_acc_d1_mean", "oracle_acc_d1_mean",
                 "layers_routing_only_beats_history_d1", "layers_total", "routing_only_bytes",

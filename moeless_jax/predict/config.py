@@ -48,7 +48,8 @@ class RoutingOnlyConfig:
 
     Attributes:
       hidden: width H of the network's one hidden layer.
-      window: source layers W whose expert sets the network reads (layer l and the W-1 before it).
+      window: source layers W whose expert sets the network reads (layer l and the W-1 before it; 25 reads
+        every earlier MoE layer of DeepSeek-V2-Lite's 26).
       own_layers: of those, how many of the most recent get a dense weight of their own per target layer
         (the rest share one expert embedding per source layer, scaled per target); 0..window.
       dropout: dropout rate on the hidden layer while training.
@@ -66,16 +67,16 @@ class RoutingOnlyConfig:
     """
 
     hidden: int = 256
-    window: int = 12
+    window: int = 25
     own_layers: int = 2
-    dropout: float = 0.3
-    steps: int = 3000
-    tokens_per_step: int = 128
+    dropout: float = 0.15
+    steps: int = 6000
+    tokens_per_step: int = 256
     learning_rate: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 1e-4
     param_dtype: str = "float16"
-    online_alpha: float = 0.0
+    online_alpha: float = 0.001
     seed: int = 0
 
     def __post_init__(self) -> None:
