@@ -75,34 +75,18 @@ def plan_tables(forecast: np.ndarray, slots_per_device: int) -> np.ndarray:
     return np.stack([policy.plan(forecast[b]).slot_to_expert for b in range(num_batches)])
 
 
-def max_device_loads(loads: np.ndarray, tables: np.ndarray, slots_per_device: int, split: str) -> np.ndarray:
+def max_device_loads(loads: np.ndarray, tables: np.ndarray, split: str) -> np.ndarray:
     """[B, L] max tokens on a device when the true ``loads`` are split over ``tables`` by ``split``."""
-    import jax
-    import jax.numpy as jnp
+    from moeless_jax.moe.split import host_tokens_per_device
 
-    from moeless_jax.moe.replica_table import expert_slot_arrays
-    from moeless_jax.moe.split import split_device_loads
-
-    num_experts = loads.shape[-1]
-    expert_slots, replica_count = expert_slot_arrays(tables, num_experts, NUM_DEVICES)
-    one = jax.jit(
-        jax.vmap(
-            lambda c, es, rc: jnp.max(
-                split_device_loads(
-                    c, es, rc, slots_per_device=slots_per_device, num_devices=NUM_DEVICES, split=split
-                )
-            )
-        )
-    )
-    flat = (
-        loads.reshape(-1, num_experts),
-        expert_slots.reshape(-1, num_experts, NUM_DEVICES),
-        replica_count.reshape(-1, num_experts),
-    )
-    chunk = 4096
+    num_experts, num_slots = loads.shape[-1], tables.shape[-1]
+    flat_loads, flat_tables = loads.reshape(-1, num_experts), tables.reshape(-1, num_slots)
+    chunk = 4096  # bounds the quota code's intermediates
     out = [
-        np.asarray(one(*(jnp.asarray(a[i : i + chunk]) for a in flat)))
-        for i in range(0, flat[0].shape[0], chunk)
+        host_tokens_per_device(
+            flat_tables[i : i + chunk], flat_loads[i : i + chunk], num_devices=NUM_DEVICES, split=split
+        ).max(-1)
+        for i in range(0, flat_loads.shape[0], chunk)
     ]
     return np.concatenate(out).reshape(loads.shape[:2])
 
@@ -156,7 +140,7 @@ def eval_part(args) -> None:
         for placement in PLACEMENTS:
             tables = plan_tables(casts[placement], slots)
             for split in ("even", "balanced"):
-                worst = max_device_loads(loads, tables, slots, split)
+                worst = max_device_loads(loads, tables, split)
                 ratio = worst / oracle
                 ratios[(split, placement, budget)] = ratio
                 summary[f"{split}_{placement}_{budget_key(budget)}_vs_oracle"] = float(ratio.mean())

@@ -27,7 +27,7 @@ def loads_npy(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("policy", ["static", "eplb", "moeless", "oracle", "tokendrop"])
+@pytest.mark.parametrize("policy", ["static", "eplb", "moeless", "oracle", "tokendrop", "replicate"])
 def test_json_output_for_every_policy(plan_only, loads_npy, capsys, policy):
     code = plan_only(
         [

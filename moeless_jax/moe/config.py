@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from moeless_jax.config import require
 
 RouterKind = Literal["mixtral", "deepseek"]
 Backend = Literal["dense", "ragged"]
 Split = Literal["even", "balanced"]
+SPLITS: tuple[str, ...] = get_args(Split)
 ExpertKernel = Literal["ragged", "capacity"]
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -98,7 +99,7 @@ class MoEConfig:
             "capacity_factor",
             f"must be positive or null (worst-case buffer), got {self.capacity_factor!r}",
         )
-        require(self.split in ("even", "balanced"), "split", f"'{self.split}' is not even|balanced")
+        require(self.split in SPLITS, "split", f"'{self.split}' is not one of {'|'.join(SPLITS)}")
         require(
             isinstance(self.split_iterations, int) and self.split_iterations >= 1,
             "split_iterations",

@@ -14,6 +14,9 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from moeless_jax.moe.config import SPLITS
 
 
 def rank_within_group(group: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
@@ -256,3 +259,45 @@ def split_device_loads(
     for _ in range(expert_totals.ndim - 1):
         fn = jax.vmap(fn)
     return fn(expert_totals)
+
+
+
+def host_tokens_per_device(
+    slot_to_expert: np.ndarray,
+    expert_loads: np.ndarray,
+    *,
+    num_devices: int,
+    split: str,
+    iterations: int = 24,
+) -> np.ndarray:
+    """numpy in, numpy out: ``[..., D]`` tokens each device computes when the integer token counts
+    ``expert_loads [..., E]`` are split over the tables ``slot_to_expert [..., P]`` by ``split``.
+
+    The quota code the layer runs (:func:`split_device_loads`), compiled once per shape, for host-side
+    consumers of tables: planner policies, evaluation scripts, the simulator.
+    """
+    from moeless_jax.moe.replica_table import expert_slot_arrays
+
+    if split not in SPLITS:
+        raise ValueError(f"split '{split}' is not one of {'|'.join(SPLITS)}")
+    slot_to_expert, expert_loads = np.asarray(slot_to_expert), np.asarray(expert_loads)
+    if expert_loads.dtype.kind not in "iu":
+        raise ValueError(f"the {split} split divides token counts: expert_loads must be integers, "
+                         f"got {expert_loads.dtype}")
+    lead, num_slots, num_experts = expert_loads.shape[:-1], slot_to_expert.shape[-1], expert_loads.shape[-1]
+    if slot_to_expert.shape[:-1] != lead or num_slots % num_devices:
+        raise ValueError(f"slot_to_expert {slot_to_expert.shape} and expert_loads {expert_loads.shape} "
+                         f"disagree, or {num_slots} slots do not divide over {num_devices} devices")
+    expert_slots, replica_count = expert_slot_arrays(slot_to_expert, num_experts, num_devices)
+    flat = (expert_loads.reshape(-1, num_experts).astype(np.int32),
+            expert_slots.reshape(-1, num_experts, num_devices), replica_count.reshape(-1, num_experts))
+    tokens = _host_device_loads(*flat, slots_per_device=num_slots // num_devices, num_devices=num_devices,
+                                split=split, iterations=iterations)
+    return np.asarray(tokens, np.int64).reshape(*lead, num_devices)
+
+
+@partial(jax.jit, static_argnames=("slots_per_device", "num_devices", "split", "iterations"))
+def _host_device_loads(expert_totals, expert_slots, replica_count, **static):
+    return jax.vmap(lambda c, es, rc: split_device_loads(c, es, rc, **static))(
+        expert_totals, expert_slots, replica_count
+    )

@@ -7,10 +7,24 @@
 - :mod:`~moeless_jax.plan.metrics`: how a table splits load over devices, and balancedness.
 """
 
-from moeless_jax.plan.config import EPLBConfig, MoElessConfig, SlotLayout, TokenDropConfig, TopologyConfig
+from moeless_jax.plan.config import (
+    EPLBConfig,
+    MoElessConfig,
+    ReplicateConfig,
+    SlotLayout,
+    TokenDropConfig,
+    TopologyConfig,
+)
 from moeless_jax.plan.eplb import balanced_packing, rebalance_experts, replicate_experts
 from moeless_jax.plan.loads import check_loads, read_loads
-from moeless_jax.plan.metrics import balancedness, device_loads, replica_cv, slot_loads, tokens_per_device
+from moeless_jax.plan.metrics import (
+    SPLITS,
+    balancedness,
+    device_loads,
+    replica_cv,
+    slot_loads,
+    tokens_per_device,
+)
 from moeless_jax.plan.placer import Placement, place, place_replicas, placement_of
 from moeless_jax.plan.policies import (
     EPLB,
@@ -20,6 +34,7 @@ from moeless_jax.plan.policies import (
     Oracle,
     Outcome,
     Policy,
+    ReplicateAll,
     StaticEP,
     TokenDrop,
     make_policy,
@@ -31,6 +46,7 @@ from moeless_jax.plan.topology import Topology
 __all__ = [
     "EPLB",
     "POLICIES",
+    "SPLITS",
     "Decision",
     "EPLBConfig",
     "MoEless",
@@ -39,6 +55,8 @@ __all__ = [
     "Outcome",
     "Placement",
     "Policy",
+    "ReplicateAll",
+    "ReplicateConfig",
     "SlotLayout",
     "StaticEP",
     "TokenDrop",

@@ -1,13 +1,14 @@
 """``moeless plan``: one planning decision for a layers x experts load matrix.
 
-``moeless plan --loads FILE --devices D --slots-per-device S --policy NAME [--cv 0.2] [--config YAML]
-[--json]``
+``moeless plan --loads FILE --devices D --slots-per-device S --policy NAME [--cv 0.2] [--split even]
+[--config YAML] [--json]``
 
 FILE (``.npy`` or ``.csv``) holds the loads of one batch. MoEless takes them as its (perfect) forecast; EPLB
-takes them as its history window; static EP, Oracle and token drop ignore them when planning. The tables are
-then scored on the same loads. ``--json`` prints one JSON object (``balancedness`` per layer,
-``replica_count [L][E]``, ``slot_to_expert [L][P]``, ``seconds`` of planning, ...); otherwise a short table.
-Imports no jax: planning is numpy.
+takes them as its history window; static EP, replicate, Oracle and token drop ignore them when planning. The
+tables are then scored on the same loads, each expert's tokens divided over its replicas by ``--split``
+(``even``, or ``balanced``: the layer's in-step quotas; integer token counts only). ``--json`` prints one
+JSON object (``balancedness`` per layer, ``replica_count [L][E]``, ``slot_to_expert [L][P]``, ``seconds`` of
+planning, ...); otherwise a short table. Imports no jax unless ``--split balanced`` (planning is numpy).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-POLICY_NAMES = ("static", "eplb", "moeless", "oracle", "tokendrop")  # see moeless_jax.plan.policies
+POLICY_NAMES = ("static", "eplb", "moeless", "oracle", "tokendrop", "replicate")  # moeless_jax.plan.policies
+SPLIT_NAMES = ("even", "balanced")  # moeless_jax.plan.metrics.SPLITS
 
 
 def register(subparsers) -> None:
@@ -38,9 +40,15 @@ def register(subparsers) -> None:
         "--cv", type=float, help="MoEless scaler target: CV of per-replica loads (default 0.2)"
     )
     parser.add_argument(
+        "--split",
+        choices=SPLIT_NAMES,
+        default="even",
+        help="how the layer divides an expert's tokens over its replicas (default even)",
+    )
+    parser.add_argument(
         "--config",
         type=Path,
-        help="YAML with optional sections moeless, eplb, tokendrop, topology (configs/plan.yaml)",
+        help="YAML with optional sections moeless, eplb, tokendrop, replicate, topology (configs/plan.yaml)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
@@ -53,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     num_layers, num_experts = loads.shape
     layout = SlotLayout(num_experts, args.devices, args.slots_per_device)
     configs = _configs(args, layout.num_devices)
-    policy = make_policy(args.policy, layout, num_layers, **configs)
+    policy = make_policy(args.policy, layout, num_layers, **configs, split=args.split)
     if args.policy == "eplb":
         policy.observe(loads)  # the file is EPLB's history window
     start = time.perf_counter()
@@ -69,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         "devices": layout.num_devices,
         "slots_per_device": layout.slots_per_device,
         "changes_outputs": policy.changes_outputs,
+        "split": policy.split,
         "balancedness": outcome.balancedness.tolist(),
         "balancedness_mean": float(outcome.balancedness.mean()),
         "max_device_tokens": outcome.tokens_per_device.max(-1).tolist(),
@@ -90,9 +99,21 @@ def _configs(args: argparse.Namespace, num_devices: int) -> dict:
     import dataclasses
 
     from moeless_jax.config import ConfigError, load_config
-    from moeless_jax.plan import EPLBConfig, MoElessConfig, TokenDropConfig, Topology, TopologyConfig
+    from moeless_jax.plan import (
+        EPLBConfig,
+        MoElessConfig,
+        ReplicateConfig,
+        TokenDropConfig,
+        Topology,
+        TopologyConfig,
+    )
 
-    sections = {"moeless": MoElessConfig, "eplb": EPLBConfig, "tokendrop": TokenDropConfig}
+    sections = {
+        "moeless": MoElessConfig,
+        "eplb": EPLBConfig,
+        "tokendrop": TokenDropConfig,
+        "replicate": ReplicateConfig,
+    }
     configs: dict = {name: None for name in sections}
     topology = None
     if args.config is not None:
@@ -106,7 +127,7 @@ def _configs(args: argparse.Namespace, num_devices: int) -> dict:
         unknown = sorted(set(present) - {*sections, "topology"})
         if unknown:
             raise ConfigError(
-                f"{args.config}: unknown section(s) {unknown}; known: moeless, eplb, tokendrop, topology"
+                f"{args.config}: unknown section(s) {unknown}; known: {', '.join(sections)}, topology"
             )
         for name, cls in sections.items():
             if name in present:
@@ -124,7 +145,7 @@ def _print_table(result: dict) -> None:
     changes = " (changes model outputs)" if result["changes_outputs"] else ""
     print(
         f"policy {result['policy']}{changes}: {result['layers']} layers, {result['experts']} experts, "
-        f"{result['devices']} devices x {result['slots_per_device']} slots"
+        f"{result['devices']} devices x {result['slots_per_device']} slots, {result['split']} split"
     )
     print(f"{'layer':>5}  {'balancedness':>12}  {'slots used':>10}  {'max device tokens':>17}")
     for layer, (bal, used, peak) in enumerate(

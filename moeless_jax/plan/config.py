@@ -166,3 +166,20 @@ class TokenDropConfig:
             "capacity_factor",
             f"must be a finite number > 0, got {self.capacity_factor!r}",
         )
+
+
+@dataclass(frozen=True)
+class ReplicateConfig:
+    """The fixed-replication baseline: every expert gets ``replicas`` replicas, placed once.
+
+    ``None``: as many as the layout allows, ``min(D, replica cap // E)``.
+    """
+
+    replicas: int | None = None
+
+    def __post_init__(self) -> None:
+        require(
+            self.replicas is None or _positive_int(self.replicas),
+            "replicas",
+            f"must be a positive integer or null (as many as fit), got {self.replicas!r}",
+        )

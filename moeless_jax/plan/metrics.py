@@ -1,9 +1,10 @@
 """How a replica table spreads load over devices, and how balanced that is (DESIGN section 4).
 
-:func:`slot_loads` is the one place that decides how an expert's tokens are split over its replicas. Today
-it is the even split the layer performs (:func:`moeless_jax.moe.split.even_quotas`): integer loads give each
-replica ``load // count`` tokens and the earliest ``load % count`` replicas (in slot order) one more; float
-loads (forecasts) are divided exactly. Everything else here builds on it.
+:func:`slot_loads` is the even split the layer performs (:func:`moeless_jax.moe.split.even_quotas`):
+integer loads give each replica ``load // count`` tokens and the earliest ``load % count`` replicas (in slot
+order) one more; float loads (forecasts) are divided exactly. :func:`tokens_per_device` takes the layer's
+``split`` option: ``even`` builds on :func:`slot_loads` (numpy only); ``balanced`` runs the layer's own
+quota code (:func:`moeless_jax.moe.split.host_tokens_per_device`, which imports jax) on integer counts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from moeless_jax.errors import InputError
+
+SPLITS = ("even", "balanced")  # the layer's MoEConfig.split values (moeless_jax.moe.split.SPLITS)
 
 if TYPE_CHECKING:  # planning is numpy only; importing the table module would pull in jax
     from moeless_jax.moe.replica_table import ReplicaTable
@@ -50,15 +55,34 @@ def slot_loads(slot_to_expert: np.ndarray, expert_loads: np.ndarray) -> np.ndarr
     return np.where(filled, share, 0).reshape(slot_to_expert.shape)
 
 
-def tokens_per_device(slot_to_expert: np.ndarray, expert_loads: np.ndarray, num_devices: int) -> np.ndarray:
-    """``[..., D]`` tokens each device computes under the table ``slot_to_expert [..., P]``."""
+def tokens_per_device(
+    slot_to_expert: np.ndarray, expert_loads: np.ndarray, num_devices: int, split: str = "even"
+) -> np.ndarray:
+    """``[..., D]`` tokens each device computes under the table ``slot_to_expert [..., P]`` when each
+    expert's load is split over its replicas by ``split`` (``even``, or ``balanced``: integer loads only)."""
+    check_split(split)
+    if split == "balanced":
+        from moeless_jax.moe.split import host_tokens_per_device
+
+        loads = np.asarray(expert_loads)
+        if loads.dtype.kind not in "iu":
+            raise InputError(f"split 'balanced' divides token counts: loads must be integers, not "
+                             f"{loads.dtype}")
+        return host_tokens_per_device(slot_to_expert, loads, num_devices=num_devices, split=split)
     per_slot = slot_loads(slot_to_expert, expert_loads)
     return per_slot.reshape(*per_slot.shape[:-1], num_devices, -1).sum(-1)
 
 
-def device_loads(table: ReplicaTable, expert_loads: np.ndarray) -> np.ndarray:
-    """``[D]`` tokens each device of ``table`` computes for ``expert_loads [E]``."""
-    return tokens_per_device(table.slot_to_expert, np.asarray(expert_loads), table.num_devices)
+def check_split(split: str) -> str:
+    """``split`` if it names a split the layer performs, else an error saying which do."""
+    if split not in SPLITS:
+        raise InputError(f"split: '{split}' is not a split the layer performs; use {' or '.join(SPLITS)}")
+    return split
+
+
+def device_loads(table: ReplicaTable, expert_loads: np.ndarray, split: str = "even") -> np.ndarray:
+    """``[D]`` tokens each device of ``table`` computes for ``expert_loads [E]`` under ``split``."""
+    return tokens_per_device(table.slot_to_expert, np.asarray(expert_loads), table.num_devices, split)
 
 
 def balancedness(tokens_per_device: np.ndarray) -> np.ndarray:

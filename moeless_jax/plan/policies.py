@@ -20,7 +20,13 @@ policy         tables                                                           
                gate's expert choice)
 ``tokendrop``  static tables; each expert computes at most ``ceil(gamma * tokens / E)``    yes
                tokens, the rest are dropped and counted
+``replicate``  every expert replicated ``k`` times, placed once; never changes            no
 =============  ========================================================================  ===============
+
+Every policy serves its tables with the layer's ``split`` (``even``: each expert's tokens divided equally
+over its replicas, as vLLM and SGLang do; ``balanced``: the layer's in-step quotas that level the devices,
+:func:`moeless_jax.moe.split.balanced_quotas`). The split changes no output, only which device computes
+what; it matters for the replicating policies (``moeless``, ``eplb``, ``replicate``).
 """
 
 from __future__ import annotations
@@ -34,10 +40,10 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from moeless_jax.errors import InputError
-from moeless_jax.plan.config import EPLBConfig, MoElessConfig, SlotLayout, TokenDropConfig
+from moeless_jax.plan.config import EPLBConfig, MoElessConfig, ReplicateConfig, SlotLayout, TokenDropConfig
 from moeless_jax.plan.eplb import rebalance_experts
 from moeless_jax.plan.loads import check_loads
-from moeless_jax.plan.metrics import balancedness, tokens_per_device
+from moeless_jax.plan.metrics import balancedness, check_split, tokens_per_device
 from moeless_jax.plan.placer import place_checked, place_replicas
 from moeless_jax.plan.scaler import cv_counts
 from moeless_jax.plan.tables import align_slots, repair_anti_affinity, static_slot_to_expert
@@ -82,15 +88,16 @@ class Outcome:
 
 
 class Policy:
-    """Base: static tables that never change, served with an even split over replicas."""
+    """Base: static tables that never change, served with ``split`` (``even`` or ``balanced``)."""
 
     name: ClassVar[str]
     changes_outputs: ClassVar[bool] = False
 
-    def __init__(self, layout: SlotLayout, num_layers: int):
+    def __init__(self, layout: SlotLayout, num_layers: int, *, split: str = "even"):
         if not isinstance(num_layers, int) or num_layers < 1:
             raise InputError(f"num_layers must be a positive integer, got {num_layers!r}")
         self.layout, self.num_layers = layout, num_layers
+        self.split = check_split(split)
         self.static = static_slot_to_expert(layout.num_experts, layout.num_devices, layout.slots_per_device)
         self.slot_to_expert = np.tile(self.static, (num_layers, 1))  # [L, P], the tables in use
 
@@ -101,7 +108,7 @@ class Policy:
     def observe(self, loads: np.ndarray) -> Outcome:
         """Serve a batch with true ``loads [L, E]`` under the current tables."""
         loads = self.check(loads)
-        tokens = tokens_per_device(self.slot_to_expert, loads, self.layout.num_devices)
+        tokens = tokens_per_device(self.slot_to_expert, loads, self.layout.num_devices, self.split)
         return Outcome(tokens, np.zeros(self.num_layers, np.int64))
 
     def check(self, loads: np.ndarray, name: str = "loads") -> np.ndarray:
@@ -157,8 +164,10 @@ class MoEless(Policy):
         num_layers: int,
         config: MoElessConfig | None = None,
         topology: Topology | None = None,
+        *,
+        split: str = "even",
     ):
-        super().__init__(layout, num_layers)
+        super().__init__(layout, num_layers, split=split)
         self.config = config or MoElessConfig()
         self.topology = topology
         self._static_device = np.arange(layout.num_experts) % layout.num_devices
@@ -217,8 +226,10 @@ class EPLB(Policy):
 
     name = "eplb"
 
-    def __init__(self, layout: SlotLayout, num_layers: int, config: EPLBConfig | None = None):
-        super().__init__(layout, num_layers)
+    def __init__(
+        self, layout: SlotLayout, num_layers: int, config: EPLBConfig | None = None, *, split: str = "even"
+    ):
+        super().__init__(layout, num_layers, split=split)
         self.config = config or EPLBConfig()
         if layout.num_devices % self.config.num_nodes:
             raise InputError(
@@ -313,8 +324,15 @@ class TokenDrop(Policy):
     name = "tokendrop"
     changes_outputs = True
 
-    def __init__(self, layout: SlotLayout, num_layers: int, config: TokenDropConfig | None = None):
-        super().__init__(layout, num_layers)
+    def __init__(
+        self,
+        layout: SlotLayout,
+        num_layers: int,
+        config: TokenDropConfig | None = None,
+        *,
+        split: str = "even",
+    ):
+        super().__init__(layout, num_layers, split=split)
         self.config = config or TokenDropConfig()
 
     def capacity(self, loads: np.ndarray) -> np.ndarray:
@@ -327,11 +345,50 @@ class TokenDrop(Policy):
         capacity = self.capacity(loads)
         computed = np.minimum(loads, capacity[:, None].astype(loads.dtype))
         dropped = (loads - computed).sum(-1)
-        tokens = tokens_per_device(self.slot_to_expert, computed, self.layout.num_devices)
+        tokens = tokens_per_device(self.slot_to_expert, computed, self.layout.num_devices, self.split)
         return Outcome(tokens, np.asarray(dropped))
 
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (StaticEP, EPLB, MoEless, Oracle, TokenDrop)}
+class ReplicateAll(Policy):
+    """Fixed replication: every expert gets the same number of replicas, placed once, never re-planned.
+
+    The replicas are placed by the placer with equal loads, so each device holds as many as any other (within
+    one) and no device holds two replicas of one expert.
+    """
+
+    name = "replicate"
+
+    def __init__(
+        self,
+        layout: SlotLayout,
+        num_layers: int,
+        config: ReplicateConfig | None = None,
+        *,
+        split: str = "even",
+    ):
+        super().__init__(layout, num_layers, split=split)
+        self.config = config or ReplicateConfig()
+        num_experts, num_devices = layout.num_experts, layout.num_devices
+        most = min(num_devices, layout.replica_cap // num_experts)
+        replicas = most if self.config.replicas is None else self.config.replicas
+        if replicas > most:
+            raise InputError(
+                f"replicate: replicas {replicas} x {num_experts} experts exceed what fits (at most {most}: "
+                f"one per device, {layout.replica_cap} slots); lower replicas or add slots_per_device"
+            )
+        table = place_replicas(
+            np.full(num_experts, replicas, np.int64),
+            np.ones(num_experts),
+            num_devices=num_devices,
+            slots_per_device=layout.slots_per_device,
+        )
+        self.replicas = replicas
+        self.slot_to_expert = np.tile(table, (num_layers, 1))
+
+
+POLICIES: dict[str, type[Policy]] = {
+    p.name: p for p in (StaticEP, EPLB, MoEless, Oracle, TokenDrop, ReplicateAll)
+}
 
 
 def make_policy(
@@ -342,15 +399,16 @@ def make_policy(
     moeless: MoElessConfig | None = None,
     eplb: EPLBConfig | None = None,
     tokendrop: TokenDropConfig | None = None,
+    replicate: ReplicateConfig | None = None,
     topology: Topology | None = None,
+    split: str = "even",
 ) -> Policy:
-    """The policy called ``name`` (one of :data:`POLICIES`) with its config."""
+    """The policy called ``name`` (one of :data:`POLICIES`) with its config, served with ``split``."""
     if name not in POLICIES:
         raise InputError(f"unknown policy '{name}'; choose one of {', '.join(POLICIES)}")
     if name == "moeless":
-        return MoEless(layout, num_layers, moeless, topology)
-    if name == "eplb":
-        return EPLB(layout, num_layers, eplb)
-    if name == "tokendrop":
-        return TokenDrop(layout, num_layers, tokendrop)
-    return POLICIES[name](layout, num_layers)
+        return MoEless(layout, num_layers, moeless, topology, split=split)
+    configs = {"eplb": eplb, "tokendrop": tokendrop, "replicate": replicate}
+    if name in configs:
+        return POLICIES[name](layout, num_layers, configs[name], split=split)
+    return POLICIES[name](layout, num_layers, split=split)
