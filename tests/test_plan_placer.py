@@ -1,5 +1,6 @@
 """Expert placer (MoEless Alg. 2): valid tables, warm reuse, stability, topology, and move plans."""
 
+import contextlib
 from unittest import mock
 
 import numpy as np
@@ -19,6 +20,7 @@ from moeless_jax.plan import (
     tokens_per_device,
 )
 from moeless_jax.plan import placer as placer_module
+from moeless_jax.plan._compiled import njit, python_of
 
 MODES = {  # name -> (reuse_warm, warm_slack in tokens)
     "paper": (True, None),
@@ -236,12 +238,16 @@ def slack_problems(draw):
     return count, loads / count, devices, slots, np.asarray(previous, np.int64), slack
 
 
+def _python_greedy():
+    """Run the fast greedy as the plain Python function (what runs where numba is missing)."""
+    return mock.patch.object(placer_module, "_slack_greedy", python_of(placer_module._slack_greedy))
+
+
 @settings(max_examples=300)
-@given(slack_problems(), st.sampled_from(["scan", "heap"]))
-def test_fast_slack_greedy_matches_the_one_by_one_reference(problem, search):
+@given(slack_problems(), st.sampled_from(["compiled", "python"]))
+def test_fast_slack_greedy_matches_the_one_by_one_reference(problem, run_as):
     count, share, devices, slots, previous, slack = problem
-    limit = 10**6 if search == "scan" else 0  # the least-loaded device by a scan of the loads, or a heap
-    with mock.patch.object(placer_module, "_SCAN_DEVICES", limit):
+    with _python_greedy() if run_as == "python" else contextlib.nullcontext():
         fast = placer_module._place_slack(count, share, devices, slots, previous, slack)
     reference = placer_module._Placement(count, share, devices, slots, previous, None)
     reference.place_one_by_one(slack)
@@ -254,6 +260,59 @@ def test_fast_slack_greedy_matches_the_one_by_one_reference(problem, search):
     assert fast[1] == device_load  # the same sums, in the same order
 
 
+@st.composite
+def wide_slack_problems(draw):
+    """Larger layouts than :func:`slack_problems` (up to 48 devices), steady-state previous tables."""
+    devices = draw(st.integers(1, 48))
+    slots = draw(st.integers(2, 6))
+    experts = draw(st.integers(1, devices * slots))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    layout = {"num_experts": experts, "num_devices": devices, "slots_per_device": slots}
+    slack = draw(st.sampled_from([0.0, 0.5, 3.0, 1e9]))
+    previous = ReplicaTable.random(rng, **layout).slot_to_expert
+    for _ in range(draw(st.integers(0, 2))):
+        loads = rng.dirichlet(np.full(experts, 0.5)) * 1000
+        count = scale_min_max(loads, extra_replicas=int(rng.integers(0, devices * slots - experts + 1)),
+                              max_per_expert=devices)
+        previous = place_replicas(count, loads, num_devices=devices, slots_per_device=slots,
+                                  previous=previous, warm_slack=slack)
+    loads = rng.choice([0, 1, 3, 3, 10, 50], experts) if draw(st.booleans()) else rng.random(experts) * 100
+    count = scale_min_max(loads, extra_replicas=int(rng.integers(0, devices * slots - experts + 1)),
+                          max_per_expert=devices)
+    return count, loads / count, devices, slots, np.asarray(previous, np.int64), slack
+
+
+@settings(max_examples=150)
+@given(st.one_of(slack_problems(), wide_slack_problems()))
+def test_the_python_fallback_places_like_the_compiled_greedy(problem):
+    # Where numba is missing, _slack_greedy runs as the plain Python function: it must give the same tables
+    # and the same device loads, and give up on the same cornered runs.
+    count, share, devices, slots, previous, slack = problem
+    compiled = placer_module._place_slack(count, share, devices, slots, previous, slack)
+    with _python_greedy():
+        python = placer_module._place_slack(count, share, devices, slots, previous, slack)
+    assert (python is None) == (compiled is None)
+    if compiled is not None:
+        np.testing.assert_array_equal(python[0], compiled[0])
+        assert python[1] == compiled[1]
+
+
+def test_the_compiled_greedy_has_one_specialisation():
+    previous = np.array([0, -1, 1, 2, -1, -1], np.int32)
+    for loads in (np.array([5, 1, 9]), np.array([5.0, 1.5, 9.0]), np.arange(6.0)[::2] + 1):
+        place_replicas(np.array([2, 1, 1], np.int32), loads, num_devices=np.int64(2), slots_per_device=3,
+                       previous=previous, warm_slack=1)
+    assert len(getattr(placer_module._slack_greedy, "signatures", [])) <= 1
+
+
+def test_njit_works_where_no_cache_can_be_written():
+    # A function with no source file has no cache location: numba refuses cache=True for it, and njit then
+    # compiles without a cache instead of raising.
+    namespace: dict = {}
+    exec("def twice(x):\n    return 2 * x\n", namespace)
+    assert njit(namespace["twice"])(21) == 42
+
+
 def test_a_cornered_slack_run_is_repaired_by_the_general_path():
     # Heaviest first: expert 1 (25 per replica) on both devices, experts 2 and 3 (3 each) fill device 0,
     # expert 0's first replica (1.5) goes to device 1 and its second has no device left without expert 0.
@@ -262,6 +321,8 @@ def test_a_cornered_slack_run_is_repaired_by_the_general_path():
     previous = np.array([2, 3, 0, -1, 0, 1])  # 2 devices x 3 slots
     share = loads / count
     assert placer_module._place_slack(count, share, 2, 3, previous, 3.0) is None
+    with _python_greedy():
+        assert placer_module._place_slack(count, share, 2, 3, previous, 3.0) is None
     out = place_replicas(count, loads, num_devices=2, slots_per_device=3, previous=previous, warm_slack=3.0)
     table = ReplicaTable.from_slot_to_expert(out, num_experts=4, num_devices=2, slots_per_device=3)
     np.testing.assert_array_equal(table.replica_count, count)

@@ -1,6 +1,7 @@
 """Expert scaler (MoEless Alg. 1) and the fixed-budget min-max variant."""
 
 import heapq
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ from hypothesis import strategies as st
 
 from moeless_jax.errors import InputError
 from moeless_jax.plan import replica_cv, replicate_experts, scale_min_max, scale_to_cv
+from moeless_jax.plan import scaler as scaler_module
+from moeless_jax.plan._compiled import python_of
 from moeless_jax.plan.scaler import cv_counts
 
 
@@ -132,9 +135,10 @@ def heap_cv_counts(loads, cv_target, max_replicas, max_per_expert):
 
 @st.composite
 def wide_scaling_problems(draw):
-    """Loads with ties, zeros, a dominant expert or spread-out floats; caps from none to generous."""
+    """Loads with ties, zeros, equal loads, a dominant expert, spread-out or subnormal floats; caps from none
+    over tight to more than every expert can use, one device or many."""
     experts = draw(st.integers(1, 80))
-    kind = draw(st.sampled_from(["ties", "skewed", "floats", "one"]))
+    kind = draw(st.sampled_from(["ties", "skewed", "floats", "one", "equal", "subnormal"]))
     seed = draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
     if kind == "ties":
@@ -144,13 +148,23 @@ def wide_scaling_problems(draw):
         loads = rng.multinomial(int(rng.integers(0, 20000)), popularity).astype(np.float64)
     elif kind == "floats":
         loads = rng.random(experts) ** 3 * 10 ** rng.uniform(-3, 4)
+    elif kind == "equal":
+        loads = np.full(experts, float(rng.choice([0.0, 1.0, 7.0, 1e6])))
+    elif kind == "subnormal":  # load / r rounds to 0 for a busy expert
+        loads = rng.choice([0.0, 5e-324, 1e-323, 3e-323, 1.0], experts)
     else:
         loads = np.zeros(experts)
         loads[rng.integers(0, experts)] = rng.integers(1, 1000)
     devices = draw(st.integers(1, 70))
-    cap = draw(st.integers(experts, experts + 2 * devices + 2))
+    cap = draw(
+        st.one_of(
+            st.integers(experts, experts + 2 * devices + 2),
+            st.sampled_from([experts, experts + 1, experts * devices - 1, experts * devices]),
+            st.integers(experts * devices, experts * devices + 5),
+        )
+    )
     cv = draw(st.sampled_from([0.0, 0.05, 0.2, 1.0]))
-    return loads, cap, devices, cv
+    return loads, max(cap, experts), devices, cv
 
 
 @settings(max_examples=300)
@@ -158,3 +172,21 @@ def wide_scaling_problems(draw):
 def test_cv_counts_match_the_heap_loop(problem):
     loads, cap, devices, cv = problem
     np.testing.assert_array_equal(cv_counts(loads, cv, cap, devices), heap_cv_counts(loads, cv, cap, devices))
+
+
+@settings(max_examples=100)
+@given(wide_scaling_problems())
+def test_the_python_fallback_counts_like_the_compiled_loop(problem):
+    # Where numba is missing, _grow_to_cv runs as the plain Python function: it must give the same counts.
+    loads, cap, devices, cv = problem
+    compiled = cv_counts(loads, cv, cap, devices)
+    with mock.patch.object(scaler_module, "_grow_to_cv", python_of(scaler_module._grow_to_cv)):
+        python = cv_counts(loads, cv, cap, devices)
+    np.testing.assert_array_equal(python, compiled)
+
+
+def test_the_compiled_loop_has_one_specialisation():
+    for loads in (np.array([5, 1, 0, 9]), np.array([5.0, 1.0, 0.5, 9.0]), np.arange(8.0)[::2]):
+        scale_to_cv(loads, cv_target=0.0, max_replicas=10, max_per_expert=np.int32(3))
+        cv_counts(loads.astype(np.float64), 0, 9, 2)
+    assert len(getattr(scaler_module._grow_to_cv, "signatures", [])) <= 1

@@ -17,6 +17,7 @@ from moeless_jax.plan import (
     ReplicateConfig,
     SlotLayout,
     make_policy,
+    slot_loads,
     tokens_per_device,
 )
 
@@ -111,3 +112,18 @@ def test_cli_split_flag(monkeypatch, tmp_path, capsys):
         assert results[split]["split"] == split
     pairs = zip(results["balanced"]["balancedness"], results["even"]["balancedness"], strict=True)
     assert all(b >= e for b, e in pairs)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_layer_even_quotas_match_the_planner_even_split(seed):
+    from moeless_jax.moe.split import host_slot_tokens
+
+    loads = skewed_loads(seed)
+    policy = make_policy("moeless", LAYOUT, LAYERS, moeless=MoElessConfig(cv_target=0.0))
+    tables = policy.plan(loads).slot_to_expert
+    per_slot = host_slot_tokens(tables, loads, num_devices=LAYOUT.num_devices, split="even")
+    np.testing.assert_array_equal(per_slot, slot_loads(tables, loads))
+    balanced = host_slot_tokens(tables, loads, num_devices=LAYOUT.num_devices, split="balanced")
+    np.testing.assert_array_equal(balanced.sum(-1), loads.sum(-1))
+    assert (balanced[tables < 0] == 0).all()

@@ -273,9 +273,23 @@ def host_tokens_per_device(
     """numpy in, numpy out: ``[..., D]`` tokens each device computes when the integer token counts
     ``expert_loads [..., E]`` are split over the tables ``slot_to_expert [..., P]`` by ``split``.
 
-    The quota code the layer runs (:func:`split_device_loads`), compiled once per shape, for host-side
-    consumers of tables: planner policies, evaluation scripts, the simulator.
+    The quota code the layer runs, compiled once per shape, for host-side consumers of tables: planner
+    policies, evaluation scripts, the simulator and the per-device emulation.
     """
+    tokens = host_slot_tokens(slot_to_expert, expert_loads, num_devices=num_devices, split=split,
+                              iterations=iterations)
+    return tokens.reshape(*tokens.shape[:-1], num_devices, -1).sum(-1)
+
+
+def host_slot_tokens(
+    slot_to_expert: np.ndarray,
+    expert_loads: np.ndarray,
+    *,
+    num_devices: int,
+    split: str,
+    iterations: int = 24,
+) -> np.ndarray:
+    """``[..., P]`` tokens each slot computes (0 for empty slots); see :func:`host_tokens_per_device`."""
     from moeless_jax.moe.replica_table import expert_slot_arrays
 
     if split not in SPLITS:
@@ -291,13 +305,19 @@ def host_tokens_per_device(
     expert_slots, replica_count = expert_slot_arrays(slot_to_expert, num_experts, num_devices)
     flat = (expert_loads.reshape(-1, num_experts).astype(np.int32),
             expert_slots.reshape(-1, num_experts, num_devices), replica_count.reshape(-1, num_experts))
-    tokens = _host_device_loads(*flat, slots_per_device=num_slots // num_devices, num_devices=num_devices,
-                                split=split, iterations=iterations)
-    return np.asarray(tokens, np.int64).reshape(*lead, num_devices)
+    tokens = _host_slot_tokens(*flat, num_slots=num_slots, num_devices=num_devices, split=split,
+                               iterations=iterations)
+    return np.asarray(tokens, np.int64).reshape(*lead, num_slots)
 
 
-@partial(jax.jit, static_argnames=("slots_per_device", "num_devices", "split", "iterations"))
-def _host_device_loads(expert_totals, expert_slots, replica_count, **static):
-    return jax.vmap(lambda c, es, rc: split_device_loads(c, es, rc, **static))(
-        expert_totals, expert_slots, replica_count
-    )
+@partial(jax.jit, static_argnames=("num_slots", "num_devices", "split", "iterations"))
+def _host_slot_tokens(expert_totals, expert_slots, replica_count, *, num_slots, num_devices, split,
+                      iterations):
+    def one(totals, slots, count):
+        quotas = split_quotas(totals, slots, count, slots_per_device=num_slots // num_devices,
+                              num_devices=num_devices, split=split, iterations=iterations)
+        valid = slots >= 0
+        return jnp.zeros(num_slots + 1, jnp.int32).at[jnp.where(valid, slots, num_slots)].add(
+            jnp.where(valid, quotas, 0))[:num_slots]
+
+    return jax.vmap(one)(expert_totals, expert_slots, replica_count)

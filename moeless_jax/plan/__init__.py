@@ -1,9 +1,11 @@
-"""Planning replica tables on the host (numpy only; importing this package does not import jax).
+"""Planning replica tables on the host (numpy, with numba for two hot loops when installed; importing this
+package does not import jax, and only the ``balanced`` split of the metrics does, lazily).
 
 - :mod:`~moeless_jax.plan.scaler`: replicas per expert (MoEless Alg. 1, and a fixed-budget min-max variant).
 - :mod:`~moeless_jax.plan.placer`: replicas onto slots (MoEless Alg. 2) and the move plan from the last table.
 - :mod:`~moeless_jax.plan.eplb`: a numpy port of DeepSeek's EPLB.
-- :mod:`~moeless_jax.plan.policies`: static EP, EPLB, MoEless, Oracle and token drop behind one interface.
+- :mod:`~moeless_jax.plan.policies`: static EP, EPLB, MoEless, Oracle, token drop and fixed replication
+  behind one interface.
 - :mod:`~moeless_jax.plan.metrics`: how a table splits load over devices, and balancedness.
 """
 

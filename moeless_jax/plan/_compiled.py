@@ -10,20 +10,17 @@ location is writable, the function is compiled without a cache on the first call
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
 
 try:
     import numba
 except ImportError:  # the package works without numba, with the loops run by the interpreter
     numba = None
 
-F = TypeVar("F", bound=Callable)
-
 #: True when the planner's loops are compiled (numba is importable and its JIT is not disabled).
 COMPILED = numba is not None and not numba.config.DISABLE_JIT
 
 
-def njit(fn: F) -> F:
+def njit[F: Callable](fn: F) -> F:
     """``fn`` compiled by numba (cached on disk when possible), or ``fn`` itself without numba."""
     if numba is None:
         return fn

@@ -32,7 +32,9 @@ pair, then same node as a replica of the previous table).
 
 The ``warm_slack`` rule without a topology has a fast path, :func:`_place_slack`, that makes the same choices
 (slot for slot, the property tests compare the two) with less work per replica; it hands a cornered run to
-the general one.
+the general one. Its greedy, :func:`_slack_greedy`, is one loop over numpy arrays, compiled with numba where
+numba is installed (see :mod:`~moeless_jax.plan._compiled`) and run as plain Python, with the same results,
+where it is not. The general path (:class:`_Placement`) is plain Python.
 """
 
 from __future__ import annotations
@@ -40,13 +42,12 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass
-from functools import lru_cache
-from heapq import heappop, heappush, heapreplace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moeless_jax.errors import InputError
+from moeless_jax.plan._compiled import njit
 from moeless_jax.plan.topology import Topology
 
 if TYPE_CHECKING:
@@ -150,18 +151,6 @@ def _check(replica_count, expert_loads, num_devices, slots_per_device, previous)
 
 
 _INF = float("inf")
-# Up to this many devices a linear scan of the loads finds the least-loaded device faster than a heap.
-_SCAN_DEVICES = 10
-
-
-@lru_cache(maxsize=16)
-def _slot_keys(num_experts: int, num_devices: int, slots_per_device: int) -> tuple[np.ndarray, ...]:
-    """Constants of a layout: ``device(p) * (E + 1)`` per slot, ``0..E-1`` and ``-1..E``."""
-    device = np.arange(num_devices * slots_per_device) // slots_per_device
-    keys = device * (num_experts + 1), np.arange(num_experts), np.arange(-1, num_experts + 1)
-    for array in keys:
-        array.flags.writeable = False
-    return keys
 
 
 def _place_slack(
@@ -174,284 +163,162 @@ def _place_slack(
 ) -> tuple[np.ndarray, list[float]] | None:
     """``_Placement.place_one_by_one`` without a topology, choice for choice; ``None`` when cornered.
 
-    The same heaviest-first greedy, with less bookkeeping per replica:
+    The greedy runs in :func:`_slack_greedy` (compiled with numba where it is installed); this passes it
+    contiguous int64 / float64 arrays and plain numbers, so it compiles once.
+    """
+    out = np.full(num_devices * slots_per_device, -1, np.int64)
+    load = np.empty(num_devices)
+    placed = _slack_greedy(
+        np.ascontiguousarray(count, np.int64),
+        np.ascontiguousarray(share, np.float64),
+        np.ascontiguousarray(previous, np.int64),
+        int(num_devices),
+        int(slots_per_device),
+        float(warm_slack),
+        out,
+        load,
+    )
+    if not placed:
+        return None
+    return out, load.tolist()
+
+
+@njit
+def _slack_greedy(count, share, previous, num_devices, s, warm_slack, out, load):
+    """The heaviest-first greedy of :func:`_place_slack`: fills ``out [P]`` (all -1 on entry) and ``load [D]``
+    (the device loads, summed in placement order); False when cornered.
+
+    The same choices as ``_Placement.place_one_by_one`` with less bookkeeping per replica:
 
     - ``lf[d]``: the load of device ``d`` while it has a free slot, inf once full. The least-loaded device is
-      ``min(lf)`` (``lf.index`` gives the lower device on ties) up to ``_SCAN_DEVICES`` devices, else the top
-      of a heap of ``(load, device)`` entries that are brought up to date when they reach the top. The
-      reference's tie rule (prefer a device with a free slot no expert still to come holds warm) only runs
-      when the lower of the tied devices has no such slot.
+      the first minimum of ``lf``. The reference's tie rule (prefer a device with a free slot no expert still
+      to come holds warm) only runs when the lowest of the tied devices has no such slot.
     - The least load never decreases, so a bound ``lim`` (an earlier least load plus the slack) settles most
       warm reuses without a search: at or under it, a warm slot is within the slack.
-    - ``avail[d]``: device ``d``'s free slots that no expert still to come holds warm, in the reference's
-      take order (slots empty before first, then the slots experts left behind, as they leave them). A cold
-      replica takes the first; with none it evicts the free warm slot of the expert placed last on ``d``,
-      ``take[top[d]]`` (the slots of each device ordered by when their previous expert is placed).
-    - An expert with several replicas changes no load but those of the devices it takes; those are left out
-      of the search (masked in ``lf``, or their heap entries set aside) until all its replicas are placed.
-      Its warm candidates are its free warm slots, least-loaded first.
+    - ``avail``: per device, a queue of its free slots that no expert still to come holds warm, in the
+      reference's take order (slots empty before first, then the slots experts left behind, as they leave
+      them). Device ``d``'s queue is ``avail[d * s + head[d] : d * s + tail[d]]``; every slot joins one queue
+      at most once, so ``s`` entries per device suffice. A cold replica takes the first; with none it evicts
+      the free warm slot of the expert placed last on ``d``, ``take[top[d]]`` (the slots of each device
+      ordered by when their previous expert is placed).
+    - An expert's warm candidates are its free warm slots, least-loaded first (ties: lower slot); those it
+      does not use join the queues once it is placed. An expert with several replicas changes no load but
+      those of the devices it takes; those are masked (inf in ``lf``) until all its replicas are placed.
+
+    Plain loops over arrays, so that it compiles with numba and runs unchanged as Python without it.
     """
-    s = slots_per_device
     num_experts = count.size
     num_slots = num_devices * s
-    slot_key, expert_range, search = _slot_keys(num_experts, num_devices, s)
-    order = (-share).argsort(kind="stable")  # heaviest first, ties to the lower expert
-    rank = np.empty(num_experts + 1, np.int64)
-    rank[order] = expert_range
-    rank[num_experts] = -1  # empty slots (-1) come first
-    take = (slot_key + rank[previous]).argsort(kind="stable").tolist()
-    by_expert = previous.argsort(kind="stable")  # warm slots of e: by_expert[bounds[e + 1] : bounds[e + 2]]
-    bounds = previous[by_expert].searchsorted(search).tolist()
-    by_expert = by_expert.tolist()
-    avail: list[list[int]] = [[] for _ in range(num_devices)]
-    for q in by_expert[: bounds[1]]:
-        avail[q // s].append(q)
-    out = [-1] * num_slots
-    lf = [0.0] * num_devices
-    load = [0.0] * num_devices  # final device loads, filled in as devices fill up
-    free = [s] * num_devices
-    state = (out, lf, load, free, avail, take, list(range(s - 1, num_slots, s)), by_expert, bounds, s)
-    greedy = _slack_scan if num_devices <= _SCAN_DEVICES else _slack_heap
-    if not greedy(share[order].tolist(), order.tolist(), count.tolist(), float(warm_slack), *state):
-        return None
+    order = np.argsort(-share, kind="mergesort")  # heaviest first, ties to the lower expert (stable)
+    rank = np.empty(num_experts, np.int64)
+    for i in range(num_experts):
+        rank[order[i]] = i
+    # take[d * s : (d + 1) * s]: device d's slots, empty ones first, then by the rank of their previous expert
+    take = np.empty(num_slots, np.int64)
+    key = np.empty(num_slots, np.int64)
+    for p in range(num_slots):
+        k = -1 if previous[p] < 0 else rank[previous[p]]
+        i = p
+        base = p - p % s
+        while i > base and key[i - 1] > k:
+            key[i] = key[i - 1]
+            take[i] = take[i - 1]
+            i -= 1
+        key[i] = k
+        take[i] = p
+    top = np.empty(num_devices, np.int64)
     for d in range(num_devices):
-        if free[d]:
-            load[d] = lf[d]
-    return np.fromiter(out, np.int64, num_slots), load
-
-
-def _slack_scan(
-    shares, experts, counts, warm_slack, out, lf, load, free, avail, take, top, by_expert, bounds, s
-):
-    """The greedy of :func:`_place_slack`, finding the least-loaded device by scanning ``lf``; False when
-    cornered."""
+        top[d] = d * s + s - 1
+    # Warm slots of expert e, ascending: by_expert[bounds[e + 1] : bounds[e + 2]] (empty slots: bounds[0:2]).
+    bounds = np.zeros(num_experts + 2, np.int64)
+    for p in range(num_slots):
+        bounds[previous[p] + 2] += 1
+    for i in range(1, num_experts + 2):
+        bounds[i] += bounds[i - 1]
+    cursor = bounds.copy()
+    by_expert = np.empty(num_slots, np.int64)
+    for p in range(num_slots):
+        by_expert[cursor[previous[p] + 1]] = p
+        cursor[previous[p] + 1] += 1
+    avail = np.empty(num_slots, np.int64)
+    head = np.zeros(num_devices, np.int64)
+    tail = np.zeros(num_devices, np.int64)
+    for i in range(bounds[1]):
+        p = by_expert[i]
+        d = p // s
+        avail[d * s + tail[d]] = p
+        tail[d] += 1
+    lf = np.zeros(num_devices)
+    free = np.full(num_devices, s, np.int64)
+    cand_load = np.empty(num_devices)
+    cand_slot = np.empty(num_devices, np.int64)
+    used = np.empty(num_devices, np.int64)
     lim = warm_slack
-    for x, e in zip(shares, experts, strict=True):
-        lo = bounds[e + 1]
-        hi = bounds[e + 2]
-        if counts[e] == 1:
-            if hi - lo == 1:
-                p = by_expert[lo]
-                if out[p] >= 0:  # evicted
-                    p = -1
-                else:
-                    w = p // s
-            elif hi == lo:
-                p = -1
-            else:
-                p, w = _least_warm_slot(by_expert[lo:hi], out, lf, avail, s)
-            if p >= 0:
-                if lf[w] <= lim or lf[w] <= (lim := (m := min(lf)) + warm_slack):
-                    out[p] = e
-                    lf[w] += x
-                    free[w] -= 1
-                    if not free[w]:
-                        load[w] = lf[w]
-                        lf[w] = _INF
-                    continue
-                avail[w].append(p)  # too heavy: e goes cold and its warm slot is free for anyone
-            else:
-                m = min(lf)
-                lim = m + warm_slack
-            d = lf.index(m)
-            if avail[d]:
-                out[avail[d].pop(0)] = e
-            elif lf.count(m) > 1 and avail[d := _prefer_unreserved(lf, m, avail, d, ())]:
-                out[avail[d].pop(0)] = e
-            else:  # every free slot of d is still held warm: evict the expert placed last
-                out[take[top[d]]] = e
-                top[d] -= 1
-            lf[d] += x
-            free[d] -= 1
-            if not free[d]:
-                load[d] = lf[d]
-                lf[d] = _INF
-            continue
-        cand = [(lf[q // s], q) for q in by_expert[lo:hi] if out[q] < 0]  # free warm slots by load
-        if len(cand) > 1:
-            cand.sort()
-        num_warm = len(cand)
+    for e in order:
+        x = share[e]
+        num_warm = 0  # e's free warm slots (one per device at most), least-loaded first, ties: lower slot
+        for i in range(bounds[e + 1], bounds[e + 2]):
+            q = by_expert[i]
+            if out[q] < 0:
+                v = lf[q // s]
+                c = num_warm
+                while c > 0 and (cand_load[c - 1] > v or (cand_load[c - 1] == v and cand_slot[c - 1] > q)):
+                    cand_load[c] = cand_load[c - 1]
+                    cand_slot[c] = cand_slot[c - 1]
+                    c -= 1
+                cand_load[c] = v
+                cand_slot[c] = q
+                num_warm += 1
         j = 0
-        used: list[int] = []
-        for _ in range(counts[e]):
-            if j < num_warm and cand[j][0] <= lim:
-                p = cand[j][1]
+        for k in range(count[e]):
+            if j < num_warm and cand_load[j] <= lim:  # within the slack of the least load: no search
+                d = cand_slot[j] // s
+                out[cand_slot[j]] = e
                 j += 1
-                out[p] = e
-                d = p // s
             else:
-                m = min(lf)  # (the devices e holds are masked)
-                if j < num_warm and cand[j][0] <= m + warm_slack:
-                    p = cand[j][1]
+                m = lf[0]  # the least load and the first device at it (the devices e holds are masked)
+                d = 0
+                for c in range(1, num_devices):
+                    if lf[c] < m:
+                        m = lf[c]
+                        d = c
+                if k == 0:  # nothing masked: m is the least load
+                    lim = m + warm_slack
+                if j < num_warm and cand_load[j] <= m + warm_slack:
+                    d = cand_slot[j] // s
+                    out[cand_slot[j]] = e
                     j += 1
-                    out[p] = e
-                    d = p // s
-                elif m == _INF:
+                elif m == _INF:  # cornered: every device with a free slot holds e
                     return False
                 else:
-                    d = lf.index(m)
-                    if avail[d]:
-                        out[avail[d].pop(0)] = e
-                    elif lf.count(m) > 1 and avail[d := _prefer_unreserved(lf, m, avail, d, used)]:
-                        out[avail[d].pop(0)] = e
+                    # Cold. Among the devices at m, the first with a free slot that no expert still to come
+                    # holds warm; if none has one, evict the expert placed last on the first.
+                    c = d
+                    while c < num_devices and (lf[c] != m or head[c] == tail[c]):
+                        c += 1
+                    if c < num_devices:
+                        out[avail[c * s + head[c]]] = e
+                        head[c] += 1
+                        d = c
                     else:
                         out[take[top[d]]] = e
                         top[d] -= 1
-            used.append(d)
+            used[k] = d
             load[d] = lf[d] + x  # e's load on d, masked until all its replicas are placed
             lf[d] = _INF
-        for d in used:
+        for k in range(count[e]):
+            d = used[k]
             free[d] -= 1
-            if free[d]:
+            if free[d] > 0:
                 lf[d] = load[d]
-        for _, q in cand[j:]:
-            avail[q // s].append(q)
+        for i in range(j, num_warm):  # e's unused warm slots are free for anyone now
+            q = cand_slot[i]
+            avail[q // s * s + tail[q // s]] = q
+            tail[q // s] += 1
+    for d in range(num_devices):
+        if free[d] > 0:
+            load[d] = lf[d]
     return True
-
-
-def _slack_heap(
-    shares, experts, counts, warm_slack, out, lf, load, free, avail, take, top, by_expert, bounds, s
-):
-    """The greedy of :func:`_place_slack` with a heap of ``(load, device)`` entries, each device's entry at
-    most its load (brought up to date when it reaches the top); False when cornered."""
-    num_devices = len(lf)
-    # Two sentinels at inf (devices D and D + 1, inf in lf too) keep heap[1] and heap[2] there for the tie
-    # test: a device tied with the top sits in one of those two subtrees, whose roots then hold its load.
-    heap = [(0.0, d) for d in range(num_devices)]
-    heap += [(_INF, num_devices), (_INF, num_devices + 1)]
-    lf += [_INF, _INF]
-    lim = warm_slack
-    for x, e in zip(shares, experts, strict=True):
-        lo = bounds[e + 1]
-        hi = bounds[e + 2]
-        if counts[e] == 1:
-            if hi - lo == 1:
-                p = by_expert[lo]
-                if out[p] >= 0:  # evicted
-                    p = -1
-                else:
-                    w = p // s
-            elif hi == lo:
-                p = -1
-            else:
-                p, w = _least_warm_slot(by_expert[lo:hi], out, lf, avail, s)
-            if p < 0 or lf[w] > lim:
-                while True:  # bring the top entry up to date
-                    m, d = heap[0]
-                    v = lf[d]
-                    if v == m:
-                        break
-                    if v == _INF:
-                        heappop(heap)
-                    else:
-                        heapreplace(heap, (v, d))
-                lim = m + warm_slack
-            if p >= 0:
-                if lf[w] <= lim:
-                    out[p] = e
-                    lf[w] += x
-                    free[w] -= 1
-                    if not free[w]:
-                        load[w] = lf[w]
-                        lf[w] = _INF
-                    continue
-                avail[w].append(p)  # too heavy: e goes cold and its warm slot is free for anyone
-            if avail[d]:
-                out[avail[d].pop(0)] = e
-            elif (heap[1][0] == m or heap[2][0] == m) and avail[d := _prefer_unreserved(lf, m, avail, d, ())]:
-                out[avail[d].pop(0)] = e
-            else:  # every free slot of d is still held warm: evict the expert placed last
-                out[take[top[d]]] = e
-                top[d] -= 1
-            v = lf[d] = m + x
-            free[d] -= 1
-            if not free[d]:
-                load[d] = v
-                lf[d] = _INF
-            elif heap[0][1] == d:
-                heapreplace(heap, (v, d))
-            continue
-        cand = [(lf[q // s], q) for q in by_expert[lo:hi] if out[q] < 0]  # free warm slots by load
-        if len(cand) > 1:
-            cand.sort()
-        num_warm = len(cand)
-        j = 0
-        used: list[int] = []
-        aside = []  # top entries of devices e holds, set aside until e is placed
-        for _ in range(counts[e]):
-            if j < num_warm and cand[j][0] <= lim:
-                p = cand[j][1]
-                j += 1
-                out[p] = e
-                used.append(p // s)
-                continue
-            while True:
-                m, d = heap[0]
-                v = lf[d]
-                if v != m:
-                    if v == _INF:
-                        heappop(heap)
-                    else:
-                        heapreplace(heap, (v, d))
-                elif d in used:
-                    aside.append(heappop(heap))
-                else:
-                    break
-            if j < num_warm and cand[j][0] <= m + warm_slack:
-                p = cand[j][1]
-                d = p // s
-                j += 1
-                out[p] = e
-            elif m == _INF:
-                return False
-            elif avail[d]:
-                out[avail[d].pop(0)] = e
-            elif (heap[1][0] == m or heap[2][0] == m) and avail[
-                d := _prefer_unreserved(lf, m, avail, d, used)
-            ]:
-                out[avail[d].pop(0)] = e
-            else:
-                out[take[top[d]]] = e
-                top[d] -= 1
-            used.append(d)
-        for d in used:
-            lf[d] += x
-            free[d] -= 1
-            if not free[d]:
-                load[d] = lf[d]
-                lf[d] = _INF
-        for _, d in aside:
-            if free[d]:
-                heappush(heap, (lf[d], d))
-        for _, q in cand[j:]:
-            avail[q // s].append(q)
-    del lf[num_devices:]
-    return True
-
-
-def _least_warm_slot(slots: list[int], out: list[int], lf: list[float], avail: list[list[int]], s: int):
-    """One replica, several warm slots: ``(slot, device)`` of the free one on the least-loaded device (the
-    lower slot on ties), ``(-1, -1)`` with none. The other free ones are let go (they are not where the
-    expert goes, so letting them go before it is placed changes no choice)."""
-    p = w = -1
-    for q in slots:
-        if out[q] < 0:
-            if p < 0 or lf[q // s] < lf[w]:
-                if p >= 0:
-                    avail[w].append(p)
-                p, w = q, q // s
-            else:
-                avail[q // s].append(q)
-    return p, w
-
-
-def _prefer_unreserved(lf: list[float], m: float, avail: list[list[int]], d: int, used) -> int:
-    """Among the devices at the least load ``m`` (``d`` is the lowest) and not in ``used``, the lowest with a
-    free slot that no expert still to come holds warm; ``d`` if there is none."""
-    for c in range(d, len(avail)):
-        if lf[c] == m and avail[c] and c not in used:
-            return c
-    return d
 
 
 class _Placement:

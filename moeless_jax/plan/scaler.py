@@ -6,18 +6,19 @@ answer. An expert never gets more than ``max_per_expert`` replicas (one per devi
 
 Adding a replica to expert ``e`` at count ``r`` changes the sum of squared per-replica loads
 ``Q = sum_e L_e^2 / r_e`` by ``L_e^2 / (r + 1) - L_e^2 / r``, so the coefficient of variation is updated in
-O(1) per step instead of recomputed over all replicas. The CV rule sorts the candidate picks with numpy
-instead of popping a heap (same picks in the same order).
+O(1) per step instead of recomputed over all replicas. The CV rule's loop, :func:`_grow_to_cv`, runs over
+numpy arrays, compiled with numba where numba is installed (see :mod:`~moeless_jax.plan._compiled`) and as
+plain Python, with the same counts, where it is not.
 """
 
 from __future__ import annotations
 
 import heapq
-from functools import lru_cache
 
 import numpy as np
 
 from moeless_jax.errors import InputError
+from moeless_jax.plan._compiled import njit
 
 
 def scale_to_cv(
@@ -35,9 +36,8 @@ def scale_to_cv(
 def cv_counts(loads: np.ndarray, cv_target: float, max_replicas: int, max_per_expert: int) -> np.ndarray:
     """:func:`scale_to_cv` on a checked float64 ``[E]`` vector (the hot path).
 
-    The heap pops replicas in descending order of ``load_e / r`` (the load per replica before the pick), ties
-    to the lower expert, so the order of every possible pick is known up front: numpy sorts the candidates,
-    and only the CV test runs pick by pick, with the same float operations as the heap loop.
+    The sums that start the CV test are numpy's (as in the reference loop); the picks run in
+    :func:`_grow_to_cv`, compiled with numba where it is installed.
     """
     num_experts = loads.size
     budget = min(max_replicas - num_experts, num_experts * (max_per_expert - 1))
@@ -49,48 +49,59 @@ def cv_counts(loads: np.ndarray, cv_target: float, max_replicas: int, max_per_ex
     limit = total * total * (1.0 + cv_target * cv_target)
     if num_experts * square_sum <= limit:
         return np.ones(num_experts, np.int64)
-    # The first `budget` picks all have keys >= kth, the budget-th largest load (the top experts' first picks
-    # are `budget` such keys), so only experts with load >= kth and their first load_max / kth picks count.
-    steps = min(max_per_expert - 1, budget)
-    if budget < num_experts:
-        part = loads.copy()
-        part.partition(num_experts - budget)
-        kth = float(part[num_experts - budget])
-        top = (loads >= kth).nonzero()[0]
-        if kth > 0 and steps > 8:  # (a narrower candidate table only pays when it is wide)
-            steps = min(steps, int(float(loads.max()) // kth) + 1)
-    else:
-        kth = 0.0
-        top = loads.nonzero()[0]  # idle experts never get a second replica
-    top_load = loads[top]
-    # [expert, r - 1]: minus the load per replica before the pick; row-major, so ties go to the lower expert.
-    picks = np.divide.outer(top_load, _minus_divisors(steps)).ravel().argsort(kind="stable")
-    picks = picks[:budget].tolist()
-    top, top_load = top.tolist(), top_load.tolist()
-    replicas = num_experts
-    grown = []
-    for pick in picks:
-        if replicas * square_sum <= limit:
-            break
-        i, r = divmod(pick, steps)
-        load = top_load[i]
-        r += 1
-        if kth <= 0 and load / r == 0.0:  # (keys >= kth > 0 otherwise)
-            break  # only idle experts can still grow; another replica would only lower the mean
-        square_sum -= load * load / (r * (r + 1))
-        replicas += 1
-        grown.append(top[i])
-    count = np.bincount(grown, minlength=num_experts)
-    count += 1
+    count = np.ones(num_experts, np.int64)
+    _grow_to_cv(
+        np.ascontiguousarray(loads, np.float64), square_sum, limit, int(budget), int(max_per_expert), count
+    )
     return count
 
 
-@lru_cache(maxsize=64)
-def _minus_divisors(steps: int) -> np.ndarray:
-    """``-1, -2, ..., -steps`` as float64 (``load / -r`` is exactly ``-(load / r)``)."""
-    divisors = -np.arange(1, steps + 1, dtype=np.float64)
-    divisors.flags.writeable = False
-    return divisors
+@njit
+def _grow_to_cv(loads, square_sum, limit, budget, max_per_expert, count):
+    """Alg. 1's loop: while ``replicas * square_sum > limit``, give ``count [E]`` (all 1 on entry) one more
+    replica of the expert with the highest ``load / count`` (ties: lower expert), at most ``budget`` in all
+    and ``max_per_expert`` per expert. Stops when the highest is 0: only idle experts are left to grow, and
+    another replica of one would only lower the mean.
+
+    A binary max-heap of experts keyed by ``(load / count, -expert)``, started sorted (a sorted array is a
+    heap); plain loops over arrays, so that it compiles with numba and runs unchanged as Python without it.
+    """
+    key = loads.copy()  # load per replica
+    heap = np.argsort(-loads, kind="mergesort")  # highest first, ties to the lower expert (stable)
+    size = loads.size if max_per_expert > 1 else 0
+    replicas = loads.size
+    added = 0
+    while added < budget and size > 0 and replicas * square_sum > limit:
+        e = heap[0]
+        if key[e] == 0.0:
+            break
+        load = loads[e]
+        r = count[e]
+        square_sum -= load * load / (r * (r + 1))
+        count[e] = r + 1
+        replicas += 1
+        added += 1
+        if r + 1 < max_per_expert:
+            key[e] = load / (r + 1)
+        else:  # capped: the last entry takes its place
+            size -= 1
+            e = heap[size]
+        i = 0  # sift e down from the top
+        while True:
+            child = 2 * i + 1
+            if child >= size:
+                break
+            c = heap[child]
+            if child + 1 < size:
+                other = heap[child + 1]
+                if key[other] > key[c] or (key[other] == key[c] and other < c):
+                    child += 1
+                    c = other
+            if key[e] > key[c] or (key[e] == key[c] and e < c):
+                break
+            heap[i] = c
+            i = child
+        heap[i] = e
 
 
 def scale_min_max(expert_loads: np.ndarray, *, extra_replicas: int, max_per_expert: int) -> np.ndarray:

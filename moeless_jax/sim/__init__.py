@@ -1,4 +1,5 @@
-"""Latency model calibrated from measured kernels, for trace-driven simulation."""
+"""Latency model calibrated from measured kernels (numpy only), and per-device emulation of an
+expert-parallel layer on one accelerator (:mod:`moeless_jax.sim.emulate`, imports jax)."""
 
 from moeless_jax.sim.calibration import CalibrationError, LatencyModel, fit_calibration, fit_linear
 

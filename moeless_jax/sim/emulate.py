@@ -1,0 +1,179 @@
+"""Per-device emulation of an expert-parallel MoE layer on one accelerator.
+
+Before several GPUs are at hand, a D-device layer is emulated on one: for a replica table and a batch's
+per-expert token counts, each device's share of the expert computation (its S slots and the tokens the
+split gives each of them) is run and timed on the local accelerator, one device at a time. The emulated layer
+time is the slowest device's *measured* compute plus the *modelled* dispatch and combine all-to-alls
+(:meth:`moeless_jax.sim.LatencyModel.all_to_all_ms`):
+
+    layer_ms = max_d compute_ms[d] + 2 * all_to_all_ms(max_d rows[d] * bytes_per_row)
+
+What a device runs is what the layer's SPMD program runs there, so it has the program's static shapes:
+
+* ``capacity`` kernel: every device computes a ``[S, C]`` slot buffer with the same capacity ``C`` (one
+  compiled program); ``C`` is the smallest rung of a geometric ladder (ratio ``ladder_ratio`` over a
+  balanced slot's rows) that holds the batch's fullest slot, so nothing spills. Skewed slots cost
+  everywhere, through ``C``: this is where balanced replicas pay off.
+* ``ragged`` kernel: the layer's grouped SwiGLU (rows sorted by slot, ``jax.lax.ragged_dot``) over the
+  device's own rows in a receive buffer of ``rows_buffer`` rows (the dispatch buffer, same on every device).
+
+Times are memoised per distinct input (the capacity kernel's time depends on ``C`` alone).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moeless_jax.bench import time_fn
+from moeless_jax.moe.experts import capacity_swiglu, grouped_swiglu, init_mlp_weights
+
+KERNELS = ("capacity", "ragged")
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """One expert's SwiGLU MLP: ``d_model -> d_ff -> d_model`` in ``dtype``."""
+
+    d_model: int
+    d_ff: int
+    dtype: str = "bfloat16"
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Bytes of one token's activation row sent by an all-to-all."""
+        return self.d_model * jnp.dtype(self.dtype).itemsize
+
+
+def capacity_ladder(balanced_rows: float, largest_rows: int, *, ratio: float = 1.125, multiple: int = 64):
+    """Capacity rungs ``ceil(balanced_rows * ratio**i / multiple) * multiple`` up to ``largest_rows``."""
+    if ratio <= 1 or balanced_rows <= 0:
+        raise ValueError(f"ratio must be > 1 and balanced_rows > 0, got {ratio}, {balanced_rows}")
+    rungs, rows = [], float(balanced_rows)
+    while True:
+        rung = multiple * math.ceil(rows / multiple)
+        if not rungs or rung > rungs[-1]:
+            rungs.append(rung)
+        if rung >= largest_rows:
+            return rungs
+        rows *= ratio
+
+
+@dataclass
+class DeviceEmulator:
+    """Times one device's expert work on the local accelerator (see the module docstring).
+
+    shape: the expert MLP; slots_per_device: S; rows_buffer: static rows a device receives (the dispatch
+    buffer); repeats: timed calls per measurement (median).
+    """
+
+    shape: ExpertShape
+    slots_per_device: int
+    rows_buffer: int
+    repeats: int = 5
+    _weights: object = field(init=False, repr=False)
+    _rows: jax.Array = field(init=False, repr=False)
+    _memo: dict = field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        dtype = jnp.dtype(self.shape.dtype)
+        key_w, key_x = jax.random.split(jax.random.key(0))
+        self._weights = init_mlp_weights(key_w, (self.slots_per_device,), self.shape.d_model, self.shape.d_ff,
+                                         dtype)
+        self._rows = jax.random.normal(key_x, (self.rows_buffer, self.shape.d_model), dtype)
+
+    def device_ms(self, slot_rows: Sequence[int], *, kernel: str, capacity: int | None = None) -> float:
+        """Measured milliseconds of one device's expert work: ``slot_rows [S]`` tokens per local slot.
+
+        ``capacity`` (rows per slot buffer) is required for the ``capacity`` kernel and must hold every slot.
+        """
+        slot_rows = np.asarray(slot_rows, np.int64)
+        if slot_rows.shape != (self.slots_per_device,) or (slot_rows < 0).any():
+            raise ValueError(f"slot_rows must be [{self.slots_per_device}] counts >= 0, got {slot_rows}")
+        total = int(slot_rows.sum())
+        if total > self.rows_buffer:
+            raise ValueError(f"{total} rows exceed the device's receive buffer of {self.rows_buffer}")
+        if kernel == "capacity":
+            if capacity is None or capacity < int(slot_rows.max()):
+                fullest = int(slot_rows.max())
+                raise ValueError(f"capacity {capacity} must hold the fullest slot ({fullest} rows)")
+            key = ("capacity", capacity)
+        elif kernel == "ragged":
+            key = ("ragged", tuple(slot_rows.tolist()))
+        else:
+            raise ValueError(f"kernel '{kernel}' is not one of {KERNELS}")
+        if key not in self._memo:
+            self._memo[key] = 1e3 * self._measure(slot_rows, kernel, capacity)
+        return self._memo[key]
+
+    def _measure(self, slot_rows: np.ndarray, kernel: str, capacity: int | None) -> float:
+        num_slots = self.slots_per_device
+        slot = np.full(self.rows_buffer, num_slots, np.int32)  # padding rows: slot S
+        slot[: int(slot_rows.sum())] = np.repeat(np.arange(num_slots, dtype=np.int32), slot_rows)
+        slot = jnp.asarray(slot)
+        if kernel == "capacity":
+            run = _capacity_call(capacity)
+            return time_fn(lambda: run(self._rows, slot, self._weights), warmup=1, repeats=self.repeats)
+        return time_fn(lambda: _ragged_call(self._rows, slot, self._weights), warmup=1, repeats=self.repeats)
+
+
+_CAPACITY_CALLS: dict[int, object] = {}
+
+
+def _capacity_call(capacity: int):
+    if capacity not in _CAPACITY_CALLS:
+        _CAPACITY_CALLS[capacity] = jax.jit(
+            lambda rows, slot, w: capacity_swiglu(rows, slot, w, capacity=capacity, overflow_rows=8)[0]
+        )
+    return _CAPACITY_CALLS[capacity]
+
+
+_ragged_call = jax.jit(grouped_swiglu)
+
+
+@dataclass(frozen=True)
+class EmulatedLayer:
+    """One emulated layer call: per-device measured compute, the modelled all-to-all, and their sum."""
+
+    compute_ms: np.ndarray  # [D]
+    all_to_all_ms: float  # dispatch + combine
+    capacity: int | None
+
+    @property
+    def layer_ms(self) -> float:
+        return float(self.compute_ms.max()) + self.all_to_all_ms
+
+
+def emulate_layer(
+    emulator: DeviceEmulator,
+    slot_tokens: np.ndarray,
+    *,
+    kernel: str,
+    all_to_all_ms,
+    ladder: Sequence[int] | None = None,
+) -> EmulatedLayer:
+    """Emulate one layer call from ``slot_tokens [P]`` (tokens per slot, P = D * S; see
+    :func:`moeless_jax.moe.split.host_slot_tokens`).
+
+    all_to_all_ms: ``bytes_per_device -> ms`` (e.g. ``LatencyModel.all_to_all_ms``); ladder: the capacity
+    kernel's compiled capacities (ascending; the first that holds the fullest slot is used).
+    """
+    per_device = np.asarray(slot_tokens, np.int64).reshape(-1, emulator.slots_per_device)  # [D, S]
+    capacity = None
+    if kernel == "capacity":
+        if not ladder:
+            raise ValueError("the capacity kernel needs a ladder of compiled capacities")
+        fullest = int(per_device.max())
+        fits = [rung for rung in ladder if rung >= fullest]
+        if not fits:
+            raise ValueError(f"no capacity rung holds the fullest slot ({fullest} rows); extend the ladder")
+        capacity = fits[0]
+    compute = np.array([emulator.device_ms(rows, kernel=kernel, capacity=capacity) for rows in per_device])
+    rows = int(per_device.sum(-1).max())
+    a2a = 2.0 * float(all_to_all_ms(rows * emulator.shape.bytes_per_row))
+    return EmulatedLayer(compute, a2a, capacity)
