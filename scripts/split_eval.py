@@ -60,6 +60,7 @@ def forecasts(fit, test, batches, loads: np.ndarray) -> dict[str, np.ndarray]:
         out["history"][b, 1:] = history.predict(test, batch)
         out["moeless"][b, 1:] = routing.predict(test, batch)
         history.observe(loads[b])
+        routing.observe(loads[b])  # its online error correction (configs/predict.yaml: online_alpha)
         past += loads[b]
     return out
 

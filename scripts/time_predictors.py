@@ -11,7 +11,7 @@ Reported, as medians over ``--repeats`` calls after a compile call:
 - ``device_ms_per_layer``: the jitted forecast alone on inputs already on the device, per target layer.
 
 Usage (on the machine to time, from the repo root):
-  python scripts/time_predictors.py [--checkpoint DIR | --config configs/predict.yaml] [--tokens 4096]
+  python scripts/time_predictors.py [--checkpoint DIR | --config YAML] [--tokens 1 16 ... 16384]
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from moeless_jax.predict import RoutingOnly, RoutingOnlyConfig, time_per_layer  
 from moeless_jax.provenance import write_json  # noqa: E402
 from moeless_jax.traces import synthetic_trace  # noqa: E402
 
+TIMES = ("ms_per_layer", "ms_single_layer", "device_ms_per_layer")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -40,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=26)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=6)
-    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 1024, 4096, 16384],
+                   help="batch sizes to time (the headline keys are for 4096, or the last size)")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--out-dir", type=Path, default=Path("results/predict"))
     return p.parse_args(argv)
@@ -79,27 +82,62 @@ def device_time(predictor, trace, batch, repeats: int) -> float:
     return float(1e3 * np.median(times) / len(targets))
 
 
+def time_batch(args, tokens: int) -> dict:
+    """Timings and size of the predictor for one ``tokens``-token batch."""
+    per_request = 64
+    trace = synthetic_trace(num_requests=-(-tokens // per_request) + 8, mean_tokens=per_request,
+                            num_layers=args.layers, num_experts=args.experts, top_k=args.top_k, seed=0)
+    predictor = build(args, trace)
+    batch = np.arange(tokens, dtype=np.int64) % trace.num_tokens
+    result = time_per_layer(predictor, trace, batch_tokens=tokens, repeats=args.repeats)
+    result["device_ms_per_layer"] = device_time(predictor, trace, batch, args.repeats)
+    return result | {"predictor": predictor.name, "distance": predictor.distance,
+                     "bytes": predictor.num_bytes(), "config": predictor.settings(),
+                     "shape": list(predictor.shape)}
+
+
+def plot(path: Path, by_tokens: dict[int, dict], device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = sorted(by_tokens)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("ms_per_layer", "all layers in one call, per layer (host prep included)"),
+                       ("ms_single_layer", "one layer per call (host prep included)"),
+                       ("device_ms_per_layer", "jitted forecast alone, per layer")):
+        ax.plot(tokens, [by_tokens[t][key] for t in tokens], marker="o", label=label)
+    ax.axhline(0.2, color="grey", ls="--", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens in the batch")
+    ax.set_ylabel("ms")
+    ax.set_title(f"RoutingOnly forecast time, {device} (measured)", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     import jax
 
     args = parse_args(argv)
-    per_request = 64
-    trace = synthetic_trace(num_requests=-(-args.tokens // per_request) + 8, mean_tokens=per_request,
-                            num_layers=args.layers, num_experts=args.experts, top_k=args.top_k, seed=0)
-    predictor = build(args, trace)
-    batch = np.arange(args.tokens, dtype=np.int64) % trace.num_tokens
-    result = time_per_layer(predictor, trace, batch_tokens=args.tokens, repeats=args.repeats)
-    result["device_ms_per_layer"] = device_time(predictor, trace, batch, args.repeats)
-    result |= {"predictor": predictor.name, "distance": predictor.distance, "bytes": predictor.num_bytes(),
-               "config": predictor.settings(), "shape": list(predictor.shape), "repeats": args.repeats,
-               "parameters": "restored checkpoint" if args.checkpoint else "initialised, untrained"}
-    backend = jax.default_backend()
+    by_tokens = {tokens: time_batch(args, tokens) for tokens in args.tokens}
+    headline = 4096 if 4096 in by_tokens else args.tokens[-1]
+    result = {**by_tokens[headline], "repeats": args.repeats,
+              "parameters": "restored checkpoint" if args.checkpoint else "initialised, untrained",
+              "by_tokens": {str(t): {k: r[k] for k in TIMES} for t, r in by_tokens.items()}}
+    backend, device = jax.default_backend(), jax.devices()[0].device_kind
     path = write_json(args.out_dir / f"timing_{backend}.json", result, method="measured",
-                      note=f"routing_only forecast time on {jax.devices()[0].device_kind} ({backend}); "
-                           "synthetic routing of the model's shape (times depend on shapes only)")
+                      note=f"routing_only forecast time on {device} ({backend}); synthetic routing of the "
+                           "model's shape (times depend on shapes only); headline keys for "
+                           f"{headline} tokens, by_tokens for every size")
+    plot(args.out_dir / f"timing_{backend}.png", by_tokens, device)
     print(f"wrote {path}")
-    for key in ("ms_per_layer", "ms_single_layer", "device_ms_per_layer", "bytes"):
-        print(f"  {key}: {result[key]:.4g}")
+    for tokens, r in by_tokens.items():
+        print(f"  {tokens:>6} tokens: " + ", ".join(f"{k} {r[k]:.4g}" for k in TIMES))
     return 0
 
 

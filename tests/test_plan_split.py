@@ -127,3 +127,42 @@ def test_layer_even_quotas_match_the_planner_even_split(seed):
     balanced = host_slot_tokens(tables, loads, num_devices=LAYOUT.num_devices, split="balanced")
     np.testing.assert_array_equal(balanced.sum(-1), loads.sum(-1))
     assert (balanced[tables < 0] == 0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(base=st.lists(st.floats(0, 100), min_size=1, max_size=8), amount=st.floats(0, 500))
+def test_water_fill_levels_pour_exactly_and_level_the_lowest(base, amount):
+    from moeless_jax.plan.split_placement import water_fill_levels
+
+    base = np.array(base)
+    add = water_fill_levels(base, amount)
+    assert (add >= -1e-9).all() and add.sum() == pytest.approx(amount, abs=1e-6)
+    filled = base + add
+    raised = add > 1e-9
+    if raised.any():  # every raised entry ends at one level, and nothing left below it was skipped
+        level = filled[raised].max()
+        np.testing.assert_allclose(filled[raised], level, rtol=1e-9, atol=1e-6)
+        assert (base[~raised] >= level - 1e-6).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_divisible_placement_is_a_valid_table_or_none(data):
+    from moeless_jax.plan.split_placement import place_divisible
+
+    devices, slots = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 4))
+    experts = data.draw(st.integers(1, devices * slots))
+    count = np.ones(experts, np.int64)
+    for _ in range(data.draw(st.integers(0, devices * slots - experts))):
+        e = data.draw(st.integers(0, experts - 1))
+        count[e] = min(devices, count[e] + 1)
+    loads = np.array(data.draw(st.lists(st.sampled_from([0.0, 1.0, 5.0, 40.0]), min_size=experts,
+                                        max_size=experts)))
+    table = place_divisible(count, loads, devices, slots)
+    if table is None:
+        return
+    np.testing.assert_array_equal(np.bincount(table[table >= 0], minlength=experts), count)
+    per_device = table.reshape(devices, slots)
+    for row in per_device:  # anti-affinity
+        filled = row[row >= 0]
+        assert np.unique(filled).size == filled.size
