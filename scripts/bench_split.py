@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="results/split")
     p.add_argument("--data-dir", help="folder holding moe-beyond/ and azure-llm-2023/ (eval part)")
     p.add_argument("--layers", type=int, default=256, help="layers per timed scan (quota part)")
+    p.add_argument("--unrolled-layers", type=int, default=32, help="layers timed unrolled (quota part)")
     return p.parse_args(argv)
 
 
@@ -42,8 +43,14 @@ def budget_key(budget: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- quota timing
-def scan_quotas(counts, expert_slots, replica_count, *, slots_per_device: int, split: str):
-    """Quotas of every layer's counts [L, E] in one device program (a scan), so timing excludes dispatch."""
+def scan_quotas(
+    counts, expert_slots, replica_count, *, slots_per_device: int, split: str, unroll: bool = False
+):
+    """Quotas of every layer's counts [L, E] in one device program (a scan), so timing excludes dispatch.
+
+    ``unroll``: the layers as straight-line code (no loop), as in a model whose layers are unrolled; a rolled
+    scan adds a per-iteration loop overhead on GPUs.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -51,13 +58,14 @@ def scan_quotas(counts, expert_slots, replica_count, *, slots_per_device: int, s
 
     def body(total, layer_counts):
         kw = dict(slots_per_device=slots_per_device, num_devices=NUM_DEVICES)
-        if split == "balanced_fused":
-            q = balanced_quotas(layer_counts, expert_slots, replica_count, fused=True, **kw)
+        if split.startswith("balanced"):  # "balanced": the XLA rounds; "balanced_fused": the Pallas kernel
+            fused = split == "balanced_fused"
+            q = balanced_quotas(layer_counts, expert_slots, replica_count, fused=fused, **kw)
         else:
             q = split_quotas(layer_counts, expert_slots, replica_count, split=split, **kw)
         return total + q.sum(), None
 
-    return jax.lax.scan(body, jnp.int32(0), counts)[0]
+    return jax.lax.scan(body, jnp.int32(0), counts, unroll=unroll)[0]
 
 
 def compare_fused(counts, expert_slots, replica_count, *, slots_per_device: int) -> dict:
@@ -89,7 +97,7 @@ def compare_fused(counts, expert_slots, replica_count, *, slots_per_device: int)
     }
 
 
-def time_quotas(layers: int) -> dict:
+def time_quotas(layers: int, unrolled_layers: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -101,7 +109,8 @@ def time_quotas(layers: int) -> dict:
     tokens, top_k = 4096, 6
     popularity = rng.dirichlet(np.full(NUM_EXPERTS, 0.5), size=layers)
     counts = jnp.asarray(np.stack([rng.multinomial(tokens * top_k, p) for p in popularity]), jnp.int32)
-    out = {"layers_per_scan": layers, "experts": NUM_EXPERTS, "devices": NUM_DEVICES, "points": []}
+    out = {"layers_per_scan": layers, "layers_unrolled": unrolled_layers, "experts": NUM_EXPERTS,
+           "devices": NUM_DEVICES, "points": [], "unrolled_points": []}
     for budget in BUDGETS:
         slots = int(round(budget * NUM_EXPERTS / NUM_DEVICES))
         table = ReplicaTable.random(
@@ -113,12 +122,14 @@ def time_quotas(layers: int) -> dict:
             | {"budget": budget}
         )
         for split in ("even", "balanced", "balanced_fused"):
-            fn = jax.jit(partial(scan_quotas, slots_per_device=slots, split=split))
-            args = (counts, expert_slots, replica_count)
-            seconds = time_fn(lambda fn=fn, args=args: fn(*args), repeats=20, min_seconds=0.5)
-            point = {"budget": budget, "split": split, "us_per_layer": seconds / layers * 1e6}
-            out["points"].append(point)
-            print(json.dumps(point), flush=True)
+            for loop, n in (("scan", layers), ("unrolled", unrolled_layers)):
+                unroll = loop == "unrolled"
+                fn = jax.jit(partial(scan_quotas, slots_per_device=slots, split=split, unroll=unroll))
+                args = (counts[:n], expert_slots, replica_count)
+                seconds = time_fn(lambda fn=fn, args=args: fn(*args), repeats=20, min_seconds=0.5)
+                point = {"budget": budget, "split": split, "us_per_layer": seconds / n * 1e6, "layers": n}
+                out["points" if loop == "scan" else "unrolled_points"].append(point)
+                print(json.dumps(point | {"loop": loop}), flush=True)
     for split in ("balanced", "balanced_fused"):
         out[f"{split}_us_per_layer_mean"] = float(
             np.mean([p["us_per_layer"] for p in out["points"] if p["split"] == split])
@@ -132,7 +143,7 @@ def quota_part(args) -> None:
     from moeless_jax.provenance import write_json
 
     platform = jax.default_backend()
-    result = time_quotas(args.layers)
+    result = time_quotas(args.layers, args.unrolled_layers)
     result["device"] = jax.devices()[0].device_kind
     path = write_json(Path(args.out_dir) / f"quota_{platform}.json", result, method="measured")
     print(f"wrote {path}")

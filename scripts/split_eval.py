@@ -171,7 +171,7 @@ def merge_quota_timings(summary: dict, out_dir: Path) -> None:
     """Copy the quota timings (``bench_split.py --part quota``) into the summary, with headline keys.
 
     The timed scan has a per-layer step overhead that the even split, a few element-wise ops, shows on its
-    own; ``*_net`` subtracts it.
+    own; ``*_net`` subtracts it; ``*_unrolled`` times the layers as straight-line code, without a loop.
     """
     for platform, name in (("cpu", "cpu"), ("gpu", "h200")):
         path = out_dir / f"quota_{platform}.json"
@@ -183,6 +183,9 @@ def merge_quota_timings(summary: dict, out_dir: Path) -> None:
         best = "balanced_fused" if ("balanced_fused", 1.125) in at else "balanced"
         summary[f"quota_us_per_layer_{name}"] = at[(best, 1.125)]
         summary[f"quota_us_per_layer_{name}_net"] = at[(best, 1.125)] - at[("even", 1.125)]
+        unrolled = {(p["split"], p["budget"]): p["us_per_layer"] for p in quota.get("unrolled_points", [])}
+        if (best, 1.125) in unrolled:
+            summary[f"quota_us_per_layer_{name}_unrolled"] = unrolled[(best, 1.125)]
 
 
 def merge_part(args) -> None:
