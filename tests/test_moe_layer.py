@@ -298,3 +298,19 @@ def test_layer_device_loads_follow_the_split(name):
         iterations=c.split_iterations,
     )
     np.testing.assert_array_equal(per_device, np.asarray(want))
+
+
+def test_auto_expert_kernel_resolves_per_backend():
+    from moeless_jax.moe.capacity import default_buffers, resolve_expert_kernel
+
+    config = CONFIGS["mixtral"]
+    auto = MoEConfig(**{**config.__dict__, "expert_kernel": "auto"})
+    assert resolve_expert_kernel(auto, "cpu") == "ragged"
+    assert resolve_expert_kernel(auto, "gpu") == resolve_expert_kernel(auto, "tpu") == "capacity"
+    assert resolve_expert_kernel(auto) == "ragged"  # these tests run on CPU
+    assert default_buffers(auto, TOKENS, "cpu").slot_rows is None
+    gpu = default_buffers(auto, TOKENS, "gpu")
+    assert gpu.slot_rows is not None and gpu.overflow_rows > 0
+    assert default_buffers(config, TOKENS, "gpu").slot_rows is None  # an explicit kernel is kept
+    with pytest.raises(ValueError, match="expert_kernel"):
+        MoEConfig(**{**config.__dict__, "expert_kernel": "fastest"})

@@ -11,7 +11,8 @@ RouterKind = Literal["mixtral", "deepseek"]
 Backend = Literal["dense", "ragged"]
 Split = Literal["even", "balanced"]
 SPLITS: tuple[str, ...] = get_args(Split)
-ExpertKernel = Literal["ragged", "capacity"]
+ExpertKernel = Literal["ragged", "capacity", "auto"]
+EXPERT_KERNELS: tuple[str, ...] = get_args(ExpertKernel)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -41,8 +42,10 @@ class MoEConfig:
         the MoEless paper do) or ``balanced`` (quotas computed in the step from the true per-expert counts
         so that devices finish together; see :func:`moeless_jax.moe.split.balanced_quotas`). Both are exact.
       split_iterations: rounds of the balanced split (more rounds: closer to the optimal split).
-      expert_kernel: ``ragged`` (``jax.lax.ragged_dot``; portable, no buffers) or ``capacity`` (dense
-        batched matmuls over per-slot buffers, with a ragged overflow path; fast when slots are balanced).
+      expert_kernel: ``ragged`` (``jax.lax.ragged_dot``; portable, no buffers), ``capacity`` (dense
+        batched matmuls over per-slot buffers, with a ragged overflow path; fast when slots are balanced) or
+        ``auto``: ``capacity`` on an accelerator backend, ``ragged`` on CPU (see
+        :func:`moeless_jax.moe.capacity.resolve_expert_kernel`).
       slot_capacity_factor: ``capacity`` kernel: per-slot buffer rows relative to a balanced slot's rows.
       overflow_fraction: ``capacity`` kernel: ragged overflow rows as a fraction of a device's balanced rows.
       dtype: parameter and activation dtype.
@@ -106,9 +109,9 @@ class MoEConfig:
             f"must be a positive integer, got {self.split_iterations!r}",
         )
         require(
-            self.expert_kernel in ("ragged", "capacity"),
+            self.expert_kernel in EXPERT_KERNELS,
             "expert_kernel",
-            f"'{self.expert_kernel}' is not ragged|capacity",
+            f"'{self.expert_kernel}' is not one of {'|'.join(EXPERT_KERNELS)}",
         )
         require(
             self.slot_capacity_factor > 0,
