@@ -5,7 +5,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moeless_jax.moe import ReplicaTable
@@ -139,3 +139,19 @@ def test_fused_rounds_kernel_matches_the_xla_rounds():
     want = water_fill_rounds(*args, iterations=10)
     got = fused_rounds(*args, iterations=10, interpret=True)  # the kernel's own arithmetic, run on CPU
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 12), n=st.integers(1, 300))
+def test_rank_within_group_counts_earlier_members(seed, groups, n):
+    from moeless_jax.moe.split import rank_within_group
+
+    group = np.random.default_rng(seed).integers(0, groups, n).astype(np.int32)
+    rank, counts = rank_within_group(jnp.asarray(group), groups)
+    expected = np.zeros(n, np.int64)
+    seen = np.zeros(groups, np.int64)
+    for i, g in enumerate(group):
+        expected[i] = seen[g]
+        seen[g] += 1
+    np.testing.assert_array_equal(np.asarray(rank), expected)
+    np.testing.assert_array_equal(np.asarray(counts), seen)

@@ -81,12 +81,12 @@ def capacity_swiglu(
 
     spill = real & ~fits
     spill_slot = jnp.where(spill, slot, num_slots)
-    order = jnp.argsort(spill_slot, stable=True)[:overflow_rows]  # spilled rows first, grouped by slot
     sizes = jnp.zeros(num_slots, jnp.int32).at[spill_slot].add(1, mode="drop")
     taken = jnp.minimum(jnp.cumsum(sizes), overflow_rows)
     sizes = taken - jnp.concatenate([jnp.zeros(1, jnp.int32), taken[:-1]])
 
     def overflow_path(y):
+        order = jnp.argsort(spill_slot, stable=True)[:overflow_rows]  # spilled rows first, grouped by slot
         xs = jnp.where(spill[order][:, None], rows[order], 0)
         hs = jax.nn.silu(jax.lax.ragged_dot(xs, w.gate, sizes)) * jax.lax.ragged_dot(xs, w.up, sizes)
         ys = jax.lax.ragged_dot(hs, w.down, sizes)
