@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moeless_jax.layout import static_slot_to_expert
+
 EMPTY = -1
 
 
@@ -97,10 +99,7 @@ class ReplicaTable:
                 f"{num_experts} experts do not fit in {num_devices} devices x {slots_per_device} slots; "
                 f"raise slots_per_device to at least {-(-num_experts // num_devices)}"
             )
-        slot_to_expert = np.full(num_devices * slots_per_device, EMPTY, np.int32)
-        for e in range(num_experts):
-            device, local = e % num_devices, e // num_devices
-            slot_to_expert[device * slots_per_device + local] = e
+        slot_to_expert = static_slot_to_expert(num_experts, num_devices, slots_per_device).astype(np.int32)
         return cls.from_slot_to_expert(
             slot_to_expert,
             num_experts=num_experts,

@@ -9,16 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from moeless_jax.layout import static_slot_to_expert
 
-def static_slot_to_expert(num_experts: int, num_devices: int, slots_per_device: int) -> np.ndarray:
-    """``[P]`` static expert parallelism: expert ``e`` on device ``e % D``, local slot ``e // D``.
-
-    The same layout as :meth:`ReplicaTable.static`.
-    """
-    slot_to_expert = np.full(num_devices * slots_per_device, -1, np.int64)
-    expert = np.arange(num_experts)
-    slot_to_expert[expert % num_devices * slots_per_device + expert // num_devices] = expert
-    return slot_to_expert
+__all__ = ["align_slots", "repair_anti_affinity", "static_slot_to_expert"]
 
 
 def align_slots(slot_to_expert: np.ndarray, previous: np.ndarray, slots_per_device: int) -> np.ndarray:
