@@ -8,10 +8,13 @@
                   Azure conversation arrivals in 1-s windows; max device load against Oracle (perfect
                   balance) for {even, balanced} x {history, MoEless-forecast, perfect-forecast placement} x
                   slot budgets, and the exact LP bound. Writes ``summary.json`` (merging the quota files).
+``--part iterations``  the balanced split against the LP optimum for 2..32 rounds (history placement,
+                  1.125x and 1.25x slots, the LP's sampled batch-layers). Writes ``iterations.json``.
 
 Usage:
   python scripts/bench_split.py --part quota --out-dir results/split
   python scripts/bench_split.py --part eval --data-dir DATA --out-dir results/split
+  python scripts/bench_split.py --part iterations --data-dir DATA --out-dir results/split
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ NUM_EXPERTS, NUM_DEVICES = 64, 8  # DeepSeek-V2-Lite's routed experts on 8 devic
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=("quota", "eval", "merge"), required=True)
+    p.add_argument("--part", choices=("quota", "eval", "merge", "iterations"), required=True)
     p.add_argument("--out-dir", default="results/split")
     p.add_argument("--data-dir", help="folder holding moe-beyond/ and azure-llm-2023/ (eval part)")
     p.add_argument("--layers", type=int, default=256, help="layers per timed scan (quota part)")
@@ -154,9 +157,9 @@ def main(argv=None) -> int:
     if args.part == "quota":
         quota_part(args)
     else:
-        from split_eval import eval_part, merge_part  # the trace evaluation lives beside this script
+        from split_eval import eval_part, iterations_part, merge_part  # the trace evaluation, beside this
 
-        (eval_part if args.part == "eval" else merge_part)(args)
+        {"eval": eval_part, "merge": merge_part, "iterations": iterations_part}[args.part](args)
     return 0
 
 

@@ -76,8 +76,9 @@ def plan_tables(forecast: np.ndarray, slots_per_device: int) -> np.ndarray:
     return np.stack([policy.plan(forecast[b]).slot_to_expert for b in range(num_batches)])
 
 
-def max_device_loads(loads: np.ndarray, tables: np.ndarray, split: str) -> np.ndarray:
-    """[B, L] max tokens on a device when the true ``loads`` are split over ``tables`` by ``split``."""
+def max_device_loads(loads: np.ndarray, tables: np.ndarray, split: str, iterations: int = 24) -> np.ndarray:
+    """[B, L] max tokens on a device when the true ``loads`` are split over ``tables`` by ``split``
+    (``iterations``: rounds of the balanced split)."""
     from moeless_jax.moe.split import host_tokens_per_device
 
     num_experts, num_slots = loads.shape[-1], tables.shape[-1]
@@ -85,11 +86,64 @@ def max_device_loads(loads: np.ndarray, tables: np.ndarray, split: str) -> np.nd
     chunk = 4096  # bounds the quota code's intermediates
     out = [
         host_tokens_per_device(
-            flat_tables[i : i + chunk], flat_loads[i : i + chunk], num_devices=NUM_DEVICES, split=split
+            flat_tables[i : i + chunk],
+            flat_loads[i : i + chunk],
+            num_devices=NUM_DEVICES,
+            split=split,
+            iterations=iterations,
         ).max(-1)
         for i in range(0, flat_loads.shape[0], chunk)
     ]
     return np.concatenate(out).reshape(loads.shape[:2])
+
+
+def history_forecast(loads: np.ndarray) -> np.ndarray:
+    """``[B, L, E]`` cumulative loads of the batches before each (uniform before the first)."""
+    past = np.cumsum(loads, axis=0, dtype=np.float64) - loads
+    past[0] = 1.0
+    return past
+
+
+ITERATIONS = (2, 4, 8, 12, 16, 24, 32)
+
+
+def iterations_part(args) -> None:
+    """How close the balanced split gets to the LP optimum with each number of rounds -> iterations.json.
+
+    History placement (cumulative loads of the batches before), 1.125x and 1.25x slots, the LP's sampled
+    (batch, layer) pairs; the rounds' cost grows with their number (see the quota timings).
+    """
+    from tqdm import tqdm
+
+    from moeless_jax.provenance import write_json
+
+    if not args.data_dir:
+        raise SystemExit("--data-dir is required (the folder with moe-beyond/ and azure-llm-2023/)")
+    _, _, batches, loads = load_batches(Path(args.data_dir))
+    rng = np.random.default_rng(0)
+    sample = np.stack(
+        [rng.integers(len(batches), size=LP_SAMPLES), rng.integers(loads.shape[1], size=LP_SAMPLES)], 1
+    )
+    picked = loads[sample[:, 0], sample[:, 1]][:, None, :]  # [N, 1, E]
+    oracle = picked[:, 0].sum(-1) / NUM_DEVICES
+    summary: dict = {"lp_samples": LP_SAMPLES, "iterations": list(ITERATIONS), "placement": "history"}
+    for budget in (1.125, 1.25):
+        slots = round(budget * loads.shape[-1] / NUM_DEVICES)
+        tables = plan_tables(history_forecast(loads), slots)
+        bound = lp_bound(loads, tables, slots, sample)
+        picked_tables = tables[sample[:, 0], sample[:, 1]][:, None, :]
+        key = budget_key(budget)
+        summary[f"lp_{key}_vs_oracle"] = float((bound / oracle).mean())
+        for iterations in tqdm(ITERATIONS, desc=f"rounds at {key}"):
+            worst = max_device_loads(picked, picked_tables, "balanced", iterations)[:, 0]
+            summary[f"balanced_over_lp_{key}_{iterations}_rounds_mean"] = float((worst / bound).mean())
+            summary[f"balanced_over_lp_{key}_{iterations}_rounds_max"] = float((worst / bound).max())
+        even = max_device_loads(picked, picked_tables, "even")[:, 0]
+        summary[f"even_over_lp_{key}_mean"] = float((even / bound).mean())
+    path = write_json(Path(args.out_dir) / "iterations.json", summary, method="computed",
+                      note="token counts on real routing; LP via scipy HiGHS")
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {path}")
 
 
 def lp_bound(loads: np.ndarray, tables: np.ndarray, slots_per_device: int, sample: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from split_eval import NUM_DEVICES, budget_key, load_batches, max_device_loads  # noqa: E402
+from split_eval import NUM_DEVICES, budget_key, history_forecast, load_batches, max_device_loads  # noqa: E402
 
 BUDGETS = (1.125, 1.5, 2.0)
 PLACERS = ("default", "fresh", "divisible")
@@ -44,13 +44,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=600, help="test windows sampled (kept in order)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def history_forecast(loads: np.ndarray) -> np.ndarray:
-    """``[B, L, E]`` cumulative loads of the batches before each (uniform before the first)."""
-    past = np.cumsum(loads, axis=0, dtype=np.float64) - loads
-    past[0] = 1.0
-    return past
 
 
 def plan(forecast: np.ndarray, placer: str, cv_target: float, slots: int) -> np.ndarray:
