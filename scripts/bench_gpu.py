@@ -14,6 +14,7 @@ merges them into ``summary.json`` and ``calibration-h200.json``):
 ``swap``       table swaps through a jitted NNX layer: retraces (must be 0) and the cost of a swap.
 ``predictor``  a gate-copy load predictor (x @ W[M, E] -> top-k -> counts) for 1..16384 tokens.
 ``summarize``  merge parts, fit the calibration (time = fixed + alpha * rows per shape and kernel), plot.
+``calibrate``  only refit ``calibration-h200.json`` from the part files (runs anywhere, no GPU needed).
 
 Usage (on the GPU machine, from the repo root):
   python scripts/bench_gpu.py --parts kernels bandwidth layer swap predictor summarize --out-dir results/gpu
@@ -39,7 +40,7 @@ TOKENS = (1, 16, 64, 512, 2048, 8192, 32768, 65536)
 SKEWED_TOKENS = (2048, 8192, 32768)  # skewed slot loads are timed at these sizes only
 DEVICES = 8
 PEAK_TFLOPS = 790.0  # bf16 dense matmul ceiling of one H200 (8192^3, random data)
-PARTS = ("kernels", "bandwidth", "layer", "swap", "predictor", "summarize")
+PARTS = ("kernels", "bandwidth", "layer", "swap", "predictor", "summarize", "calibrate")
 
 
 def parse_args(argv=None):
@@ -421,13 +422,8 @@ def predictor_part(args, out_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------- summary
 def summarize_part(args, out_dir: Path) -> None:
     from moeless_jax.provenance import write_json
-    from moeless_jax.sim.calibration import fit_calibration
 
-    parts = {}
-    for name in PARTS[:-1]:
-        path = out_dir / f"part_{name}.json"
-        if path.exists():
-            parts[name] = json.loads(path.read_text())
+    parts = read_parts(out_dir)
     kernels = parts.get("kernels", {}).get("points", [])
 
     def point(shape, tokens, kernel, regime="balanced"):
@@ -474,15 +470,40 @@ def summarize_part(args, out_dir: Path) -> None:
     summary["jax_version"] = jax.__version__
     summary["parts_provenance"] = {k: v.get("provenance") for k, v in parts.items()}
     write_json(out_dir / "summary.json", summary, method="measured")
+    calibrate_part(args, out_dir, parts)
+    plot_kernels(kernels, out_dir / "kernels_tflops.png")
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=1))
+
+
+def read_parts(out_dir: Path) -> dict[str, dict]:
+    """The ``part_<name>.json`` files present under ``out_dir``."""
+    parts = {}
+    for name in PARTS[: PARTS.index("summarize")]:
+        path = out_dir / f"part_{name}.json"
+        if path.exists():
+            parts[name] = json.loads(path.read_text())
+    return parts
+
+
+def calibrate_part(args, out_dir: Path, parts: dict[str, dict] | None = None) -> None:
+    """Fit ``calibration-h200.json`` from the measured parts (needs no GPU: the points are in the files)."""
+    from moeless_jax.provenance import write_json
+    from moeless_jax.sim.calibration import fit_calibration
+
+    parts = read_parts(out_dir) if parts is None else parts
+    kernels = parts.get("kernels", {}).get("points", [])
+    preds = {p["tokens"]: p["ms_per_layer"] for p in parts.get("predictor", {}).get("points", [])}
+    copy_tbps = parts.get("bandwidth", {}).get("copy_tbps_read_plus_write")
     calibration = fit_calibration(kernels, shapes=SHAPES, copy_tbps=copy_tbps, predictor_points=preds)
+    device = next((p["device"] for p in parts.values() if "device" in p), None)
     write_json(
         out_dir / "calibration-h200.json",
         calibration,
         method="measured",
-        note="kernel fits from part_kernels.json; all-to-all constants are modelled until measured",
+        device=device,
+        note="kernel points measured on the device named (part_kernels.json), fitted by the command above; "
+        "all-to-all constants are modelled until measured",
     )
-    plot_kernels(kernels, out_dir / "kernels_tflops.png")
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=1))
 
 
 def plot_kernels(points: list[dict], path: Path) -> None:
@@ -530,6 +551,7 @@ def main(argv=None) -> int:
         "swap": swap_part,
         "predictor": predictor_part,
         "summarize": summarize_part,
+        "calibrate": calibrate_part,
     }
     for part in args.parts:
         runners[part](args, out_dir)

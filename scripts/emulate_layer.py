@@ -19,6 +19,7 @@ NVLink constants). The calibrated latency model's prediction for the same rows i
 
 Usage (on the GPU, from the repo root):
   python scripts/emulate_layer.py --data-dir DATA [--out-dir results/emulate] [--samples 48]
+  python scripts/emulate_layer.py --check-model [--out-dir results/emulate]    # anywhere, no GPU
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ KERNELS = ("capacity", "ragged")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-dir", required=True, type=Path, help="folder with moe-beyond/ and azure-llm-2023/")
+    p.add_argument("--data-dir", type=Path, help="folder with moe-beyond/ and azure-llm-2023/")
+    p.add_argument("--check-model", action="store_true",
+                   help="no GPU: score OUT/summary.json's samples with the latency model -> model_check.json")
     p.add_argument("--out-dir", type=Path, default=Path("results/emulate"))
     p.add_argument("--calibration", type=Path, default=Path("results/gpu/calibration-h200.json"))
     p.add_argument("--window-s", type=float, default=16.0, help="arrival window per batch (seconds)")
@@ -116,6 +119,10 @@ def slot_tokens(policy: str, split: str, table: np.ndarray, loads: np.ndarray, l
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.check_model:
+        return check_model(args)
+    if args.data_dir is None:
+        raise SystemExit("--data-dir is required to emulate: the folder with moe-beyond/ and azure-llm-2023/")
     from tqdm import tqdm
 
     from moeless_jax.provenance import compute_device_name, write_json
@@ -148,16 +155,20 @@ def main(argv=None) -> int:
         for kernel in KERNELS:
             call = emulate_layer(emulator, tokens, kernel=kernel, all_to_all_ms=model.all_to_all_ms,
                                  ladder=ladder)
-            entry = results.setdefault(f"{policy}_{split}_{kernel}", {"layer_ms": [], "compute_ms": [],
-                                                                         "all_to_all_ms": [], "model_ms": [],
-                                                                         "max_rows": [], "capacity": []})
+            entry = results.setdefault(f"{policy}_{split}_{kernel}", {
+                "layer_ms": [], "compute_ms": [], "all_to_all_ms": [], "model_ms": [], "static_model_ms": [],
+                "max_rows": [], "capacity": []})
             entry["layer_ms"].append(call.layer_ms)
             entry["compute_ms"].append(float(call.compute_ms.max()))
             entry["all_to_all_ms"].append(call.all_to_all_ms)
-            entry["model_ms"].append(modelled(model, args.shape, kernel, rows, shape.bytes_per_row))
+            model_ms, static_ms = modelled(model, args.shape, kernel, int(rows.max()), call.capacity,
+                                           layout.slots_per_device, rows_buffer)
+            entry["model_ms"].append(model_ms)
+            entry["static_model_ms"].append(static_ms)
             entry["max_rows"].append(int(rows.max()))
             entry["capacity"].append(call.capacity)
     summary = summarise(results, args, layout, loads, pairs)
+    summary["setup"]["rows_buffer"] = rows_buffer
     device = compute_device_name()
     note = ("per-device expert compute measured on one GPU, one emulated device at a time; all-to-all "
             "modelled from the calibration's NVLink constants (not measured); tables and splits computed")
@@ -169,11 +180,56 @@ def main(argv=None) -> int:
     return 0
 
 
-def modelled(model, shape: str, kernel: str, rows: np.ndarray, bytes_per_row: int) -> float:
-    """The calibrated latency model's layer time for the same rows (NaN for an uncalibrated shape)."""
+def modelled(model, shape: str, kernel: str, max_rows: int, capacity: int | None, slots: int,
+             rows_buffer: int) -> tuple[float, float]:
+    """The calibrated latency model's layer time for one call: charging the fullest device's rows
+    (``layer_ms``) and charging what the static shapes compute (``layer_ms_static``); NaN for an
+    uncalibrated shape."""
     if shape not in model.calibration["expert_compute"]:
-        return float("nan")
-    return model.layer_ms(shape, kernel, rows, bytes_per_row=bytes_per_row)
+        return float("nan"), float("nan")
+    from moeless_jax.sim.emulate import ExpertShape
+
+    bytes_per_row = ExpertShape(*SHAPES[shape]).bytes_per_row
+    rows = np.array([max_rows])
+    return (model.layer_ms(shape, kernel, rows, bytes_per_row=bytes_per_row),
+            model.layer_ms_static(shape, kernel, rows, bytes_per_row=bytes_per_row, slots=slots,
+                                  capacity=capacity, rows_buffer=rows_buffer))
+
+
+def check_model(args) -> int:
+    """Re-score an earlier run's samples with the current calibration -> model_check.json (no GPU)."""
+    import json
+
+    from moeless_jax.provenance import write_json
+    from moeless_jax.sim import LatencyModel
+
+    model = LatencyModel.from_file(args.calibration)
+    emulated = json.loads((args.out_dir / "summary.json").read_text())
+    setup, samples = emulated["setup"], emulated["per_sample"]
+    fullest = max(max(e["max_rows"]) for e in samples.values())
+    rows_buffer = setup.get("rows_buffer") or 1024 * -(-fullest // 1024)  # as the run sized it
+    check: dict = {"emulation": str(args.out_dir / "summary.json"), "rows_buffer": rows_buffer}
+    errors = {kernel: {"rows": [], "static": []} for kernel in KERNELS}
+    for name, entry in samples.items():
+        kernel = name.rsplit("_", 1)[1]
+        for max_rows, capacity, layer_ms in zip(entry["max_rows"], entry["capacity"], entry["layer_ms"],
+                                                strict=True):
+            by_rows, static = modelled(model, args.shape, kernel, max_rows, capacity,
+                                       setup["slots_per_device"], rows_buffer)
+            errors[kernel]["rows"].append((by_rows - layer_ms) / layer_ms)
+            errors[kernel]["static"].append((static - layer_ms) / layer_ms)
+    for kernel, by_model in errors.items():
+        for how, rel in by_model.items():
+            rel = np.asarray(rel)
+            check[f"{kernel}_{how}_model_mean_rel_err"] = float(rel.mean())
+            check[f"{kernel}_{how}_model_mean_abs_rel_err"] = float(np.abs(rel).mean())
+            check[f"{kernel}_{how}_model_max_abs_rel_err"] = float(np.abs(rel).max())
+    note = ("computed: the latency model's layer times against the emulated ones of the same samples; 'rows' "
+            "charges the fullest device's rows, 'static' what the static shapes compute")
+    path = write_json(args.out_dir / "model_check.json", check, method="computed", device="cpu", note=note)
+    print(json.dumps(check, indent=1))
+    print(f"wrote {path}")
+    return 0
 
 
 def summarise(results: dict, args, layout, loads, pairs) -> dict:
@@ -199,6 +255,7 @@ def summarise(results: dict, args, layout, loads, pairs) -> dict:
         summary[f"{name}_compute_ms_mean"] = float(np.mean(entry["compute_ms"]))
         summary[f"{name}_all_to_all_ms_mean"] = float(np.mean(entry["all_to_all_ms"]))
         summary[f"{name}_model_ms_mean"] = float(np.mean(entry["model_ms"]))
+        summary[f"{name}_static_model_ms_mean"] = float(np.mean(entry["static_model_ms"]))
         summary[f"{name}_max_rows_mean"] = float(np.mean(entry["max_rows"]))
     for kernel in KERNELS:
         static = summary[f"static_even_{kernel}_ms_mean"]

@@ -81,3 +81,23 @@ def test_missing_calibration_file(tmp_path):
         LatencyModel.from_file(tmp_path / "absent.json")
     with pytest.raises(CalibrationError, match="no fit for shape 'nope'"):
         LatencyModel.from_file(CALIBRATION).expert_ms("nope", "capacity", 1)
+
+
+def test_padded_fits_reproduce_their_points_and_static_layer_time_charges_the_buffers():
+    model = LatencyModel.from_file(CALIBRATION)
+    fit = model.calibration["expert_compute"]["dsv2lite"]["capacity"]["padded"]
+    computed, ms = np.array(fit["points"], dtype=np.float64).T
+    rel = np.abs(model.padded_ms("dsv2lite", "capacity", computed) - ms) / ms
+    assert rel.max() <= fit["max_rel_err"] + 1e-9
+    rows = np.array([100, 4000, 900])
+    a2a = 2 * model.all_to_all_ms(4000 * 4096)
+    # capacity: every device computes slots x capacity rows, whatever it received
+    got = model.layer_ms_static("dsv2lite", "capacity", rows, bytes_per_row=4096, slots=10, capacity=512)
+    assert got == pytest.approx(float(model.padded_ms("dsv2lite", "capacity", 5120) + a2a))
+    # ragged: the receive buffer, not the rows
+    got = model.layer_ms_static("dsv2lite", "ragged", rows, bytes_per_row=4096, rows_buffer=8192)
+    assert got == pytest.approx(float(model.expert_ms("dsv2lite", "ragged", 8192) + a2a))
+    with pytest.raises(CalibrationError, match="slots and capacity"):
+        model.layer_ms_static("dsv2lite", "capacity", rows, bytes_per_row=4096)
+    with pytest.raises(CalibrationError, match="no padded fit"):
+        model.padded_ms("dsv2lite", "ragged", 100)

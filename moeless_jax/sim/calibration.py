@@ -4,8 +4,10 @@
 :class:`LatencyModel` loads such a file and predicts times. Compute time of one device's expert work is
 ``fixed_ms + ms_per_row * rows`` per model shape and kernel, fitted by least squares on relative error over
 the balanced-slot measurements; each fit keeps its points and its largest relative error, so a user can see
-where the line holds. The all-to-all term is an alpha-beta model whose constants are *modelled* until
-measured on several GPUs (the file says which).
+where the line holds. A kernel that computes padded buffers (``capacity``: every slot padded to the
+buffer's rows) also gets a ``padded`` fit against the rows it actually computes, ``slots x buffer rows``,
+which is what :meth:`LatencyModel.layer_ms_static` charges. The all-to-all term is an alpha-beta model whose
+constants are *modelled* until measured on several GPUs (the file says which).
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ def fit_linear(rows: np.ndarray, ms: np.ndarray) -> tuple[float, float, float]:
     return fixed, per_row, float(np.max(np.abs(predicted - ms) / ms))
 
 
+def _line(rows: np.ndarray, ms: np.ndarray) -> dict[str, Any]:
+    fixed, per_row, err = fit_linear(rows, ms)
+    points = [[int(r), float(m)] for r, m in zip(rows, ms, strict=True)]
+    return {"fixed_ms": fixed, "ms_per_row": per_row, "max_rel_err": err, "points": points}
+
+
 def fit_calibration(
     kernel_points: list[dict],
     *,
@@ -51,8 +59,10 @@ def fit_calibration(
     copy_tbps: float | None,
     predictor_points: dict[int, float] | None = None,
     regime: str = "balanced",
+    padded_kernels: tuple[str, ...] = ("capacity",),
 ) -> dict[str, Any]:
-    """Calibration dict from measured points (``shape, kernel, regime, rows, slots, ms`` per point)."""
+    """Calibration dict from measured points (``shape, kernel, regime, rows, slots, ms`` per point; points
+    of ``padded_kernels`` also carry ``slot_buffer_rows``, the rows each slot's buffer had)."""
     compute: dict[str, dict[str, Any]] = {}
     for shape, (d_model, d_ff, experts, top_k) in shapes.items():
         for kernel in sorted({p["kernel"] for p in kernel_points if p["shape"] == shape}):
@@ -63,18 +73,17 @@ def fit_calibration(
                 continue
             rows = np.array([p["rows"] for p in pts])
             ms = np.array([p["ms"] for p in pts])
-            fixed, per_row, err = fit_linear(rows, ms)
-            compute.setdefault(shape, {})[kernel] = {
+            fit = {
                 "d_model": d_model,
                 "d_ff": d_ff,
                 "experts": experts,
                 "top_k": top_k,
                 "slots": pts[0]["slots"],
-                "fixed_ms": fixed,
-                "ms_per_row": per_row,
-                "max_rel_err": err,
-                "points": [[int(r), float(m)] for r, m in zip(rows, ms, strict=True)],
+                **_line(rows, ms),
             }
+            if kernel in padded_kernels and all("slot_buffer_rows" in p for p in pts):  # what it computes
+                fit["padded"] = _line(np.array([p["slots"] * p["slot_buffer_rows"] for p in pts]), ms)
+            compute.setdefault(shape, {})[kernel] = fit
     return {
         "format_version": FORMAT_VERSION,
         "expert_compute": compute,
@@ -112,13 +121,9 @@ class LatencyModel:
             raise CalibrationError(f"{source}: 'expert_compute' must map model shapes to kernel fits")
         for shape, kernels in compute.items():
             for kernel, fit in kernels.items():
-                for field in ("fixed_ms", "ms_per_row", "max_rel_err", "points"):
-                    if field not in fit:
-                        raise CalibrationError(f"{source}: expert_compute.{shape}.{kernel} lacks '{field}'")
-                if fit["fixed_ms"] < 0 or fit["ms_per_row"] < 0:
-                    raise CalibrationError(
-                        f"{source}: expert_compute.{shape}.{kernel} has a negative coefficient"
-                    )
+                _check_line(fit, f"{source}: expert_compute.{shape}.{kernel}")
+                if "padded" in fit:
+                    _check_line(fit["padded"], f"{source}: expert_compute.{shape}.{kernel}.padded")
         a2a = data.get("all_to_all", {})
         for field in ("latency_us", "bandwidth_gbps_per_direction"):
             if not isinstance(a2a.get(field), int | float) or a2a[field] <= 0:
@@ -127,14 +132,25 @@ class LatencyModel:
 
     def expert_ms(self, shape: str, kernel: str, rows) -> np.ndarray:
         """Compute time (ms) of one device's expert work for ``rows`` (scalar or array)."""
+        fit = self._fit(shape, kernel)
+        return fit["fixed_ms"] + fit["ms_per_row"] * np.asarray(rows, np.float64)
+
+    def _fit(self, shape: str, kernel: str) -> dict[str, Any]:
         try:
-            fit = self.calibration["expert_compute"][shape][kernel]
+            return self.calibration["expert_compute"][shape][kernel]
         except KeyError:
             known = {s: sorted(k) for s, k in self.calibration["expert_compute"].items()}
             raise CalibrationError(
                 f"no fit for shape '{shape}' kernel '{kernel}'; calibrated: {known}"
             ) from None
-        return fit["fixed_ms"] + fit["ms_per_row"] * np.asarray(rows, np.float64)
+
+    def padded_ms(self, shape: str, kernel: str, computed_rows) -> np.ndarray:
+        """Compute time (ms) of a padded kernel for the rows it computes (``slots x buffer rows``)."""
+        fit = self._fit(shape, kernel)
+        if "padded" not in fit:
+            raise CalibrationError(f"'{shape}/{kernel}' has no padded fit (only padded kernels have one)")
+        padded = fit["padded"]
+        return padded["fixed_ms"] + padded["ms_per_row"] * np.asarray(computed_rows, np.float64)
 
     def all_to_all_ms(self, bytes_per_device) -> np.ndarray:
         a2a = self.calibration["all_to_all"]
@@ -148,3 +164,35 @@ class LatencyModel:
         rows = np.asarray(rows_per_device, np.float64)
         compute = float(np.max(self.expert_ms(shape, kernel, rows)))
         return compute + 2 * float(np.max(self.all_to_all_ms(rows * bytes_per_row)))
+
+    def layer_ms_static(
+        self,
+        shape: str,
+        kernel: str,
+        rows_per_device,
+        *,
+        bytes_per_row: int,
+        slots: int | None = None,
+        capacity: int | None = None,
+        rows_buffer: int | None = None,
+    ) -> float:
+        """:meth:`layer_ms` charging what the layer's static shapes make each device compute: with the
+        ``capacity`` kernel every device computes ``slots x capacity`` rows (one compiled capacity), with
+        ``ragged`` its receive buffer of ``rows_buffer`` rows (default: the fullest device's rows)."""
+        rows = np.asarray(rows_per_device, np.float64)
+        if kernel == "capacity":
+            if slots is None or capacity is None:
+                raise CalibrationError("the capacity kernel's time needs slots and capacity")
+            compute = float(self.padded_ms(shape, kernel, slots * capacity))
+        else:
+            computed = rows.max() if rows_buffer is None else rows_buffer
+            compute = float(self.expert_ms(shape, kernel, computed))
+        return compute + 2 * float(np.max(self.all_to_all_ms(rows * bytes_per_row)))
+
+
+def _check_line(fit: dict[str, Any], where: str) -> None:
+    for field in ("fixed_ms", "ms_per_row", "max_rel_err", "points"):
+        if field not in fit:
+            raise CalibrationError(f"{where} lacks '{field}'")
+    if fit["fixed_ms"] < 0 or fit["ms_per_row"] < 0:
+        raise CalibrationError(f"{where} has a negative coefficient")
