@@ -8,6 +8,8 @@ Reported, as medians over ``--repeats`` calls after a compile call:
 - ``ms_per_layer``: ``predict`` of every target layer in one call, divided by the number of targets
   (host input preparation and transfers included);
 - ``ms_single_layer``: ``predict`` of one target layer alone;
+- ``stream_ms_per_layer``: ``LayerStream``, one source layer pushed at a time (what a layer-by-layer
+  serving loop calls), per target layer, host work included;
 - ``device_ms_per_layer``: the jitted forecast alone on inputs already on the device, per target layer.
 
 Usage (on the machine to time, from the repo root):
@@ -30,7 +32,7 @@ from moeless_jax.predict import RoutingOnly, RoutingOnlyConfig, time_per_layer  
 from moeless_jax.provenance import write_json  # noqa: E402
 from moeless_jax.traces import synthetic_trace  # noqa: E402
 
-TIMES = ("ms_per_layer", "ms_single_layer", "device_ms_per_layer")
+TIMES = ("ms_per_layer", "ms_single_layer", "stream_ms_per_layer", "device_ms_per_layer")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,6 +84,27 @@ def device_time(predictor, trace, batch, repeats: int) -> float:
     return float(1e3 * np.median(times) / len(targets))
 
 
+def stream_time(predictor, trace, batch, repeats: int) -> float:
+    """Median ms per target layer of :class:`LayerStream` over one batch: the stream's set-up plus one
+    ``push`` per source layer, as a layer-by-layer serving loop would call it (host work included)."""
+    from moeless_jax.predict import LayerStream
+
+    sources = [trace.expert_ids[batch, layer] for layer in range(len(predictor.targets))]
+
+    def run():
+        stream = LayerStream(predictor, trace.request_id[batch], trace.position[batch])
+        for layer, ids in enumerate(sources):
+            stream.push(layer, ids)
+
+    run()  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(1e3 * np.median(times) / len(sources))
+
+
 def time_batch(args, tokens: int) -> dict:
     """Timings and size of the predictor for one ``tokens``-token batch."""
     per_request = 64
@@ -91,6 +114,7 @@ def time_batch(args, tokens: int) -> dict:
     batch = np.arange(tokens, dtype=np.int64) % trace.num_tokens
     result = time_per_layer(predictor, trace, batch_tokens=tokens, repeats=args.repeats)
     result["device_ms_per_layer"] = device_time(predictor, trace, batch, args.repeats)
+    result["stream_ms_per_layer"] = stream_time(predictor, trace, batch, args.repeats)
     return result | {"predictor": predictor.name, "distance": predictor.distance,
                      "bytes": predictor.num_bytes(), "config": predictor.settings(),
                      "shape": list(predictor.shape)}
@@ -106,6 +130,7 @@ def plot(path: Path, by_tokens: dict[int, dict], device: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("ms_per_layer", "all layers in one call, per layer (host prep included)"),
                        ("ms_single_layer", "one layer per call (host prep included)"),
+                       ("stream_ms_per_layer", "LayerStream, one layer pushed at a time"),
                        ("device_ms_per_layer", "jitted forecast alone, per layer")):
         ax.plot(tokens, [by_tokens[t][key] for t in tokens], marker="o", label=label)
     ax.axhline(0.2, color="grey", ls="--", lw=0.8)

@@ -3,6 +3,8 @@
 - :mod:`~moeless_jax.predict.base`: the :class:`LoadPredictor` interface.
 - :mod:`~moeless_jax.predict.history`: :class:`History` (cumulative, moving window or EMA of past loads).
 - :mod:`~moeless_jax.predict.routing_only`: :class:`RoutingOnly`, a per-token routing-transition network.
+- :mod:`~moeless_jax.predict.layer_stream`: RoutingOnly one layer at a time (:func:`forecast_step` inside a
+  jitted step, :class:`LayerStream` on the host).
 - :mod:`~moeless_jax.predict.gate`: :class:`GateReuse` and :class:`MoElessPredictor` (fine-tuned gate copies).
 - :mod:`~moeless_jax.predict.oracle`: :class:`Oracle`, the true load (upper bound).
 - :mod:`~moeless_jax.predict.metrics`: accuracy (1 - TV), hot-expert recall, Pearson r, timing.
@@ -23,6 +25,7 @@ _EXPORTS = {
     "config": ("GateTuneConfig", "HistoryConfig", "RoutingOnlyConfig"),
     "gate": ("GateReuse", "MoElessPredictor", "fine_tune_gate"),
     "history": ("History",),
+    "layer_stream": ("LayerStream", "StreamState", "forecast_step", "init_state"),
     "metrics": ("Scores", "default_hot", "hot_expert_recall", "load_accuracy", "pearson", "score_batches",
                 "time_per_layer"),
     "oracle": ("Oracle",),

@@ -214,11 +214,16 @@ class RoutingOnly(LoadPredictor):
         loads = _forecast(self._graphdef, self._params, *inputs, targets=index,
                           num_experts=self.num_experts, top_k=self.top_k)
         loads = np.asarray(loads, np.float64)  # [T', E]
+        if self.config.online_alpha and len(index) == len(self.targets):
+            self._last = loads / loads.sum(axis=1, keepdims=True)  # observe() compares it with true loads
+        return self._corrected(loads, index)
+
+    def _corrected(self, loads: np.ndarray, index) -> np.ndarray:
+        """``[T', E]`` forecast loads of the target indices ``index`` with the online correction applied
+        (load shares plus the error average; unchanged without ``online_alpha``)."""
         if not self.config.online_alpha:
             return loads
         shares = loads / loads.sum(axis=1, keepdims=True)
-        if len(index) == len(self.targets):
-            self._last = shares  # observe() compares it with the batch's true loads
         if self._bias is None:
             return shares
         return np.clip(shares + self._bias[list(index)], 0.0, None)
@@ -262,15 +267,22 @@ def batch_inputs(trace: RoutingTrace, batch: np.ndarray):
     """Padded jit inputs of one batch: ``(expert_ids [B, L, K] int32 (-1 pads), segment [B] int32,
     bucket [B] int32, valid [B] bool)`` with B = the padded size of ``len(batch)``."""
     size = _padded_size(batch.size)
-    pad = size - batch.size
-    expert_ids = np.pad(trace.expert_ids[batch].astype(np.int32), ((0, pad), (0, 0), (0, 0)),
+    expert_ids = np.pad(trace.expert_ids[batch].astype(np.int32), ((0, size - batch.size), (0, 0), (0, 0)),
                         constant_values=-1)
-    _, segment = np.unique(trace.request_id[batch], return_inverse=True)
+    return (expert_ids, *token_inputs(trace.request_id[batch], trace.position[batch]))
+
+
+def token_inputs(request_id: np.ndarray, position: np.ndarray):
+    """``(segment, bucket, valid)``, each ``[B']`` for the padded size B' of a batch's ``[B]`` tokens."""
+    num_tokens = request_id.size
+    size = _padded_size(num_tokens)
+    pad = size - num_tokens
+    _, segment = np.unique(request_id, return_inverse=True)
     # Padding tokens form their own segment, so they never dilute a request's context.
-    segment = np.concatenate([segment.astype(np.int32), np.full(pad, size - 1, np.int32)])
-    bucket = np.pad(position_buckets(trace.position[batch]), (0, pad))
-    valid = np.arange(size) < batch.size
-    return expert_ids, segment, bucket, valid
+    segment = np.concatenate([segment.astype(np.int32).reshape(-1), np.full(pad, size - 1, np.int32)])
+    bucket = np.pad(position_buckets(position), (0, pad))
+    valid = np.arange(size) < num_tokens
+    return segment, bucket, valid
 
 
 class _TokenSampler:
