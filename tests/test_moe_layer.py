@@ -314,3 +314,52 @@ def test_auto_expert_kernel_resolves_per_backend():
     assert default_buffers(config, TOKENS, "gpu").slot_rows is None  # an explicit kernel is kept
     with pytest.raises(ValueError, match="expert_kernel"):
         MoEConfig(**{**config.__dict__, "expert_kernel": "fastest"})
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_capacity"])
+def test_replayed_routing_gives_the_routers_output_and_any_given_routing_is_exact(name):
+    from moeless_jax.moe.router import route
+
+    model = MODELS[name]
+    c = model.config
+    table, x = model.random_table(3), tokens(11, c)
+    params = model.params(table)
+    run = jax.jit(lambda p, t, x, r: moe_forward(p, t, x, config=c, mesh=model.mesh, routing=r,
+                                                 buffers=buffer_ladder(c, TOKENS // c.num_devices)[-1]))
+    own = route(x, model.router, top_k=c.top_k, kind=c.router, renormalize=c.renormalize)
+    replayed = run(params, table.arrays(), x, (own.expert_ids, own.weights))
+    expected = model.reference(model.router, model.experts, model.shared, x)
+    np.testing.assert_allclose(replayed.y, expected, rtol=2e-5, atol=2e-5)
+    # A routing no router would produce: token t goes to experts t, t+1, ... (mod E) with equal weights.
+    ids = (np.arange(TOKENS)[:, None] + np.arange(c.top_k)[None, :]) % c.num_experts
+    weights = np.full((TOKENS, c.top_k), 1.0 / c.top_k, np.float32)
+    out = run(params, table.arrays(), x, (jnp.asarray(ids, jnp.int32), jnp.asarray(weights)))
+    shared = 0.0 if model.shared is None else jax.vmap(lambda r: swiglu_ref(r, model.shared))(x)
+    want = sum(weights[:, k, None] * jax.vmap(swiglu_ref)(x, expert_slice(model.experts, ids[:, k]))
+               for k in range(c.top_k)) + shared
+    np.testing.assert_allclose(out.y, want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(out.expert_counts, np.bincount(ids.ravel(), minlength=c.num_experts))
+
+
+def swiglu_ref(row, w):
+    return (jax.nn.silu(row @ w.gate) * (row @ w.up)) @ w.down
+
+
+def expert_slice(experts, ids):
+    return MLPWeights(experts.gate[ids], experts.up[ids], experts.down[ids])
+
+
+def test_replayed_routing_is_checked():
+    model = MODELS["mixtral"]
+    c = model.config
+    table, x = model.random_table(0), tokens(0, c)
+    params = model.params(table)
+    ids = np.tile(np.arange(c.top_k, dtype=np.int32), (TOKENS, 1))
+    weights = np.ones((TOKENS, c.top_k), np.float32)
+    call = partial(moe_forward, params, table.arrays(), x, config=c, mesh=model.mesh)
+    with pytest.raises(ShapeError, match="expected \\[tokens, top_k\\]"):
+        call(routing=(ids[:, :1], weights[:, :1]))
+    with pytest.raises(ShapeError, match="must lie in"):
+        call(routing=(ids + c.num_experts, weights))
+    with pytest.raises(ShapeError, match="distinct"):
+        call(routing=(np.zeros_like(ids), weights))

@@ -23,7 +23,7 @@ from moeless_jax.moe.config import MoEConfig
 from moeless_jax.moe.dispatch import BACKENDS, assign_slots
 from moeless_jax.moe.experts import MLPWeights, capacity_swiglu, grouped_swiglu, init_mlp_weights, swiglu
 from moeless_jax.moe.replica_table import ReplicaTable, TableArrays
-from moeless_jax.moe.router import route
+from moeless_jax.moe.router import Routing, route
 from moeless_jax.moe.slot_weights import (
     MovePlan,
     apply_moves,
@@ -118,33 +118,68 @@ def moe_forward(
     config: MoEConfig,
     mesh: jax.sharding.Mesh,
     buffers: Buffers | None = None,
+    routing: tuple[jax.Array, jax.Array] | None = None,
 ) -> MoEOutput:
     """Apply the replicated MoE layer to ``x [T, M]`` (T divisible by D).
 
     ``table`` is data: any valid table of the config's (E, D, S) runs without recompiling, as long as
     ``params.experts`` holds the weights materialised for it. ``buffers`` (static) overrides the buffer
-    sizes that the config implies (see :mod:`moeless_jax.moe.capacity`).
+    sizes that the config implies (see :mod:`moeless_jax.moe.capacity`). ``routing``, if given, replaces the
+    router: ``(expert_ids [T, K] int32, weights [T, K])``, each row ``K`` distinct experts, e.g. to replay a
+    routing trace (checked when the arrays are concrete; under a trace only shapes are checked).
     """
     _check_inputs(config, params, x, mesh)
+    extra = () if routing is None else _checked_routing(routing, config, x.shape[0])
     if buffers is None:
         buffers = default_buffers(config, x.shape[0] // config.num_devices)
     shard = partial(_moe_shard, config=config, buffers=buffers)
     specs = param_specs(params.shared is not None)
     # Explicit-sharding meshes want inputs laid out as in_specs say; these are no-ops when they already are.
     x = jax.reshard(x, NamedSharding(mesh, P(EP_AXIS)))
+    extra = tuple(jax.reshard(a, NamedSharding(mesh, P(EP_AXIS))) for a in extra)
     params = jax.tree.map(lambda a, spec: jax.reshard(a, NamedSharding(mesh, spec)), params, specs)
     table = TableArrays(*(jax.reshard(a, NamedSharding(mesh, P())) for a in table))
     return jax.shard_map(
         shard,
         mesh=mesh,
-        in_specs=(specs, TableArrays(P(), P(), P()), P(EP_AXIS)),
+        in_specs=(specs, TableArrays(P(), P(), P()), P(EP_AXIS), *(P(EP_AXIS) for _ in extra)),
         out_specs=MoEOutput(P(EP_AXIS), P(), P(), P()),
-    )(params, table, x)
+    )(params, table, x, *extra)
 
 
-def _moe_shard(params: MoEParams, table: TableArrays, x: jax.Array, *, config: MoEConfig, buffers: Buffers):
-    """One device's share: x [T/D, M], slot weights [S, ...]."""
-    routing = route(x, params.router, top_k=config.top_k, kind=config.router, renormalize=config.renormalize)
+def _checked_routing(routing, config: MoEConfig, num_tokens: int) -> tuple[jax.Array, jax.Array]:
+    expert_ids, weights = routing
+    want = (num_tokens, config.top_k)
+    if tuple(expert_ids.shape) != want or tuple(weights.shape) != want:
+        raise ShapeError(f"routing arrays have shapes {tuple(expert_ids.shape)} and {tuple(weights.shape)}; "
+                         f"expected [tokens, top_k] = {want}")
+    if not jnp.issubdtype(expert_ids.dtype, jnp.integer):
+        raise ShapeError(f"routing expert_ids must be integers, got {expert_ids.dtype}")
+    if not isinstance(expert_ids, jax.core.Tracer):
+        ids = np.asarray(expert_ids)
+        if ids.min() < 0 or ids.max() >= config.num_experts:
+            raise ShapeError(f"routing expert_ids must lie in 0..{config.num_experts - 1}, "
+                             f"got {ids.min()}..{ids.max()}")
+        ordered = np.sort(ids, axis=1)
+        if (ordered[:, 1:] == ordered[:, :-1]).any():
+            raise ShapeError("routing expert_ids repeat an expert within a token's row; each row needs "
+                             f"{config.top_k} distinct experts")
+    return jnp.asarray(expert_ids, jnp.int32), jnp.asarray(weights, jnp.float32)
+
+
+def _given_routing(expert_ids: jax.Array, weights: jax.Array, num_experts: int) -> Routing:
+    counts = jnp.zeros(num_experts, jnp.int32).at[expert_ids.reshape(-1)].add(1)
+    return Routing(weights, expert_ids, counts)
+
+
+def _moe_shard(params: MoEParams, table: TableArrays, x: jax.Array, *given, config: MoEConfig,
+               buffers: Buffers):
+    """One device's share: x [T/D, M], slot weights [S, ...]; ``given`` = (expert_ids, weights) or ()."""
+    if given:
+        routing = _given_routing(*given, config.num_experts)
+    else:
+        routing = route(x, params.router, top_k=config.top_k, kind=config.router,
+                        renormalize=config.renormalize)
     a = assign_slots(
         routing.expert_ids,
         table,
