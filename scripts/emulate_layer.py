@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def batches_and_forecasts(args):
-    """Test batches, their true loads ``[B, L, E]`` and the RoutingOnly forecasts ``[B, L, E]``."""
+    """The served (test) trace, its batches, their true loads ``[B, L, E]`` and the RoutingOnly forecasts
+    ``[B, L, E]``."""
     from tqdm import tqdm
 
     from moeless_jax.config import load_config
@@ -80,7 +81,7 @@ def batches_and_forecasts(args):
         forecast[b, 1:] = predictor.predict(test, batch)
         predictor.observe(loads[b])
         past += loads[b]
-    return batches, loads, forecast
+    return test, batches, loads, forecast
 
 
 def plan_tables(loads: np.ndarray, forecast: np.ndarray, args):
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     from moeless_jax.sim.emulate import DeviceEmulator, ExpertShape, capacity_ladder, emulate_layer
 
     model = LatencyModel.from_file(args.calibration)
-    batches, loads, forecast = batches_and_forecasts(args)
+    _, batches, loads, forecast = batches_and_forecasts(args)
     tables, layout = plan_tables(loads, forecast, args)
     rng = np.random.default_rng(args.seed)
     first = min(len(batches) - 1, 8)  # let EPLB's history and the forecasters warm up first
