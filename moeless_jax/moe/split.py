@@ -226,6 +226,32 @@ def split_quotas(
     raise ValueError(f"split '{split}' is not even|balanced")
 
 
+def split_slot_tokens(
+    expert_totals: jax.Array,
+    expert_slots: jax.Array,
+    replica_count: jax.Array,
+    *,
+    slots_per_device: int,
+    num_devices: int,
+    split: str,
+    iterations: int = 24,
+) -> jax.Array:
+    """[E] expert token counts -> [P] tokens each slot computes under ``split`` (0 for empty slots)."""
+    quotas = split_quotas(
+        expert_totals,
+        expert_slots,
+        replica_count,
+        slots_per_device=slots_per_device,
+        num_devices=num_devices,
+        split=split,
+        iterations=iterations,
+    )
+    num_slots = slots_per_device * num_devices
+    valid = expert_slots >= 0
+    tokens = jnp.zeros(num_slots + 1, jnp.int32).at[jnp.where(valid, expert_slots, num_slots)]
+    return tokens.add(jnp.where(valid, quotas, 0))[:num_slots]
+
+
 def split_device_loads(
     expert_totals: jax.Array,
     expert_slots: jax.Array,
@@ -236,14 +262,11 @@ def split_device_loads(
     split: str,
     iterations: int = 24,
 ) -> jax.Array:
-    """[..., E] per-batch expert token counts -> [..., D] tokens per device under ``split``.
-
-    The same quota code the layer runs, for host-side consumers (planner metrics, simulator); leading
-    batch axes are vmapped.
-    """
+    """[..., E] per-batch expert token counts -> [..., D] tokens per device under ``split``, for one table
+    (leading batch axes are vmapped); the layer's own quota code."""
 
     def one(totals):
-        quotas = split_quotas(
+        tokens = split_slot_tokens(
             totals,
             expert_slots,
             replica_count,
@@ -252,14 +275,12 @@ def split_device_loads(
             split=split,
             iterations=iterations,
         )
-        device, valid = replica_devices(expert_slots, slots_per_device)
-        return device_loads(quotas, device, valid, num_devices)
+        return tokens.reshape(num_devices, slots_per_device).sum(-1)
 
     fn = one
     for _ in range(expert_totals.ndim - 1):
         fn = jax.vmap(fn)
     return fn(expert_totals)
-
 
 
 def host_tokens_per_device(
@@ -313,11 +334,6 @@ def host_slot_tokens(
 @partial(jax.jit, static_argnames=("num_slots", "num_devices", "split", "iterations"))
 def _host_slot_tokens(expert_totals, expert_slots, replica_count, *, num_slots, num_devices, split,
                       iterations):
-    def one(totals, slots, count):
-        quotas = split_quotas(totals, slots, count, slots_per_device=num_slots // num_devices,
-                              num_devices=num_devices, split=split, iterations=iterations)
-        valid = slots >= 0
-        return jnp.zeros(num_slots + 1, jnp.int32).at[jnp.where(valid, slots, num_slots)].add(
-            jnp.where(valid, quotas, 0))[:num_slots]
-
+    one = partial(split_slot_tokens, slots_per_device=num_slots // num_devices, num_devices=num_devices,
+                  split=split, iterations=iterations)
     return jax.vmap(one)(expert_totals, expert_slots, replica_count)
