@@ -65,17 +65,11 @@ def fixed_size(batch: np.ndarray, tokens: int) -> np.ndarray:
     return np.resize(batch, tokens)
 
 
-def time_call(fn, repeats: int) -> float:
+def time_ms(fn, repeats: int) -> float:
     """Median ms of ``fn()`` (synchronised), after one warm-up call."""
-    import jax
+    from moeless_jax.bench import time_fn
 
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return 1e3 * time_fn(fn, warmup=1, repeats=repeats)
 
 
 def all_to_all_part(mesh, num_devices: int, bytes_per_row: int, repeats: int) -> dict:
@@ -102,7 +96,7 @@ def all_to_all_part(mesh, num_devices: int, bytes_per_row: int, repeats: int) ->
                 out_specs=P(EP_AXIS),
             )
         )
-        ms = time_call(lambda fn=fn, x=x: fn(x), repeats)
+        ms = time_ms(lambda fn=fn, x=x: fn(x), repeats)
         sent = (num_devices - 1) * rows * bytes_per_row  # bytes one device sends to the others
         points.append({"rows_per_pair": rows, "bytes_sent_per_device": sent, "ms": ms})
     fixed, per_byte, err = fit_linear(
@@ -122,6 +116,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
     from emulate_layer import SHAPES, batches_and_forecasts, plan_tables
+    from emulate_layer import modelled as modelled_ms  # (by rows, as the static shapes compute)
     from flax import nnx
     from tqdm import tqdm
 
@@ -198,11 +193,13 @@ def main(argv=None) -> int:
             move_ms = 1e3 * (time.perf_counter() - start)
             call = partial(forward, layer.params, layer.table.get_value(), x, ids)
             _, used = call_dropless(call, ladder)
-            ms = time_call(partial(call, used), args.repeats)
+            ms = time_ms(partial(call, used), args.repeats)
             rows = host_tokens_per_device(
                 table.slot_to_expert, counts, num_devices=num_devices, split=args.split
             )
-            modelled = modelled_ms(model, args.shape, rows, used, config, d_model)
+            kernel = "ragged" if used.slot_rows is None else "capacity"
+            _, modelled = modelled_ms(model, args.shape, kernel, int(rows.max()), used.slot_rows,
+                                      config.slots_per_device, used.dispatch_rows)
             entry = results[policy]
             entry["layer_ms"].append(ms)
             entry["model_ms"].append(modelled)
@@ -223,23 +220,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def modelled_ms(model, shape: str, rows: np.ndarray, buffers, config, d_model: int) -> float:
-    """The latency model's time for the call as compiled (NaN for an uncalibrated shape)."""
-    if shape not in model.calibration["expert_compute"]:
-        return float("nan")
-    kernel = "ragged" if buffers.slot_rows is None else "capacity"
-    return model.layer_ms_static(
-        shape,
-        kernel,
-        rows,
-        bytes_per_row=2 * d_model,
-        slots=config.slots_per_device,
-        capacity=buffers.slot_rows,
-        rows_buffer=buffers.dispatch_rows,
-    )
-
-
 def summarise(results: dict, args, config) -> dict:
+    from emulate_layer import latency_stats
+
     summary: dict = {
         "setup": {
             "devices": config.num_devices,
@@ -254,10 +237,7 @@ def summarise(results: dict, args, config) -> dict:
     }
     measured_all, modelled_all = [], []
     for policy, entry in results.items():
-        layer = np.asarray(entry["layer_ms"])
-        summary[f"{policy}_ms_mean"] = float(layer.mean())
-        summary[f"{policy}_ms_p50"] = float(np.median(layer))
-        summary[f"{policy}_ms_p99"] = float(np.quantile(layer, 0.99))
+        summary |= latency_stats(policy, entry["layer_ms"])
         summary[f"{policy}_model_ms_mean"] = float(np.mean(entry["model_ms"]))
         summary[f"{policy}_move_ms_mean"] = float(np.mean(entry["move_ms"]))
         measured_all += entry["layer_ms"]

@@ -245,8 +245,6 @@ def plot(path: Path, rows: dict, curves: dict | None) -> None:
     plt.close(fig)
 
 
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)

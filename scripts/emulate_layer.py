@@ -233,6 +233,13 @@ def check_model(args) -> int:
     return 0
 
 
+def latency_stats(name: str, layer_ms) -> dict[str, float]:
+    """``<name>_ms_mean``, ``_ms_p50`` and ``_ms_p99`` of per-call layer times."""
+    layer = np.asarray(layer_ms, np.float64)
+    return {f"{name}_ms_mean": float(layer.mean()), f"{name}_ms_p50": float(np.median(layer)),
+            f"{name}_ms_p99": float(np.quantile(layer, 0.99))}
+
+
 def summarise(results: dict, args, layout, loads, pairs) -> dict:
     summary: dict = {
         "setup": {
@@ -249,10 +256,7 @@ def summarise(results: dict, args, layout, loads, pairs) -> dict:
         },
     }
     for name, entry in results.items():
-        layer = np.asarray(entry["layer_ms"])
-        summary[f"{name}_ms_mean"] = float(layer.mean())
-        summary[f"{name}_ms_p50"] = float(np.median(layer))
-        summary[f"{name}_ms_p99"] = float(np.quantile(layer, 0.99))
+        summary |= latency_stats(name, entry["layer_ms"])
         summary[f"{name}_compute_ms_mean"] = float(np.mean(entry["compute_ms"]))
         summary[f"{name}_all_to_all_ms_mean"] = float(np.mean(entry["all_to_all_ms"]))
         summary[f"{name}_model_ms_mean"] = float(np.mean(entry["model_ms"]))

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from moeless_jax.bench import time_fn  # noqa: E402
 from moeless_jax.config import load_config  # noqa: E402
 from moeless_jax.predict import RoutingOnly, RoutingOnlyConfig, time_per_layer  # noqa: E402
 from moeless_jax.provenance import write_json  # noqa: E402
@@ -75,13 +75,7 @@ def device_time(predictor, trace, batch, repeats: int) -> float:
         return _forecast(predictor._graphdef, predictor._params, *inputs, targets=targets,
                          num_experts=predictor.num_experts, top_k=predictor.top_k)
 
-    jax.block_until_ready(call())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - start)
-    return float(1e3 * np.median(times) / len(targets))
+    return 1e3 * time_fn(call, warmup=1, repeats=repeats) / len(targets)
 
 
 def stream_time(predictor, trace, batch, repeats: int) -> float:
@@ -96,13 +90,7 @@ def stream_time(predictor, trace, batch, repeats: int) -> float:
         for layer, ids in enumerate(sources):
             stream.push(layer, ids)
 
-    run()  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(1e3 * np.median(times) / len(sources))
+    return 1e3 * time_fn(run, warmup=1, repeats=repeats) / len(sources)
 
 
 def time_batch(args, tokens: int) -> dict:

@@ -163,7 +163,12 @@ class LatencyModel:
         """Straggler compute plus dispatch and combine all-to-alls (each moves a device's rows once)."""
         rows = np.asarray(rows_per_device, np.float64)
         compute = float(np.max(self.expert_ms(shape, kernel, rows)))
-        return compute + 2 * float(np.max(self.all_to_all_ms(rows * bytes_per_row)))
+        return compute + self.exchange_ms(rows, bytes_per_row=bytes_per_row)
+
+    def exchange_ms(self, rows_per_device, *, bytes_per_row: int) -> float:
+        """The dispatch and combine all-to-alls of one call: each moves the fullest device's rows once."""
+        rows = np.asarray(rows_per_device, np.float64)
+        return 2 * float(np.max(self.all_to_all_ms(rows * bytes_per_row)))
 
     def layer_ms_static(
         self,
@@ -187,7 +192,7 @@ class LatencyModel:
         else:
             computed = rows.max() if rows_buffer is None else rows_buffer
             compute = float(self.expert_ms(shape, kernel, computed))
-        return compute + 2 * float(np.max(self.all_to_all_ms(rows * bytes_per_row)))
+        return compute + self.exchange_ms(rows, bytes_per_row=bytes_per_row)
 
 
 def _check_line(fit: dict[str, Any], where: str) -> None:

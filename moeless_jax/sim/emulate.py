@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -117,20 +118,14 @@ class DeviceEmulator:
         slot[: int(slot_rows.sum())] = np.repeat(np.arange(num_slots, dtype=np.int32), slot_rows)
         slot = jnp.asarray(slot)
         if kernel == "capacity":
-            run = _capacity_call(capacity)
-            return time_fn(lambda: run(self._rows, slot, self._weights), warmup=1, repeats=self.repeats)
+            run = partial(_capacity_call, self._rows, slot, self._weights, capacity=capacity)
+            return time_fn(run, warmup=1, repeats=self.repeats)
         return time_fn(lambda: _ragged_call(self._rows, slot, self._weights), warmup=1, repeats=self.repeats)
 
 
-_CAPACITY_CALLS: dict[int, object] = {}
-
-
-def _capacity_call(capacity: int):
-    if capacity not in _CAPACITY_CALLS:
-        _CAPACITY_CALLS[capacity] = jax.jit(
-            lambda rows, slot, w: capacity_swiglu(rows, slot, w, capacity=capacity, overflow_rows=8)[0]
-        )
-    return _CAPACITY_CALLS[capacity]
+@partial(jax.jit, static_argnames="capacity")
+def _capacity_call(rows, slot, w, *, capacity: int):
+    return capacity_swiglu(rows, slot, w, capacity=capacity, overflow_rows=8)[0]
 
 
 _ragged_call = jax.jit(grouped_swiglu)
