@@ -129,8 +129,11 @@ def time_quotas(layers: int, unrolled_layers: int) -> dict:
                 unroll = loop == "unrolled"
                 fn = jax.jit(partial(scan_quotas, slots_per_device=slots, split=split, unroll=unroll))
                 args = (counts[:n], expert_slots, replica_count)
-                seconds = time_fn(lambda fn=fn, args=args: fn(*args), repeats=20, min_seconds=0.5)
-                point = {"budget": budget, "split": split, "us_per_layer": seconds / n * 1e6, "layers": n}
+                call = lambda fn=fn, args=args: fn(*args)  # noqa: E731
+                seconds = time_fn(call, repeats=20, min_seconds=0.5, pipelined=10)
+                synchronised = time_fn(call, repeats=20, min_seconds=0.5)
+                point = {"budget": budget, "split": split, "us_per_layer": seconds / n * 1e6, "layers": n,
+                         "us_per_layer_synchronised": synchronised / n * 1e6}
                 out["points" if loop == "scan" else "unrolled_points"].append(point)
                 print(json.dumps(point | {"loop": loop}), flush=True)
     for split in ("balanced", "balanced_fused"):

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moeless_jax.moe.config import SPLIT_ITERATIONS
+
 BUDGETS = (1.125, 1.25, 1.5, 2.0)
 NUM_DEVICES = 8
 PLACEMENTS = ("history", "moeless", "perfect")
@@ -76,7 +78,9 @@ def plan_tables(forecast: np.ndarray, slots_per_device: int) -> np.ndarray:
     return np.stack([policy.plan(forecast[b]).slot_to_expert for b in range(num_batches)])
 
 
-def max_device_loads(loads: np.ndarray, tables: np.ndarray, split: str, iterations: int = 24) -> np.ndarray:
+def max_device_loads(
+    loads: np.ndarray, tables: np.ndarray, split: str, iterations: int = SPLIT_ITERATIONS
+) -> np.ndarray:
     """[B, L] max tokens on a device when the true ``loads`` are split over ``tables`` by ``split``
     (``iterations``: rounds of the balanced split)."""
     from moeless_jax.moe.split import host_tokens_per_device
@@ -104,7 +108,7 @@ def history_forecast(loads: np.ndarray) -> np.ndarray:
     return past
 
 
-ITERATIONS = (2, 4, 8, 12, 16, 24, 32)
+ITERATIONS = (2, 3, 4, 6, 8, 12, 16, 24)
 
 
 def iterations_part(args) -> None:
@@ -225,7 +229,9 @@ def merge_quota_timings(summary: dict, out_dir: Path) -> None:
     """Copy the quota timings (``bench_split.py --part quota``) into the summary, with headline keys.
 
     The timed scan has a per-layer step overhead that the even split, a few element-wise ops, shows on its
-    own; ``*_net`` subtracts it; ``*_unrolled`` times the layers as straight-line code, without a loop.
+    own; ``*_net`` subtracts it; ``*_unrolled`` times the layers as straight-line code, without a loop (and
+    ``*_unrolled_by_budget`` at every slot budget). Times are device time per call with the host's dispatch
+    overlapped (``us_per_layer_synchronised`` in the quota files also counts one synchronised round trip).
     """
     for platform, name in (("cpu", "cpu"), ("gpu", "h200")):
         path = out_dir / f"quota_{platform}.json"
@@ -240,6 +246,9 @@ def merge_quota_timings(summary: dict, out_dir: Path) -> None:
         unrolled = {(p["split"], p["budget"]): p["us_per_layer"] for p in quota.get("unrolled_points", [])}
         if (best, 1.125) in unrolled:
             summary[f"quota_us_per_layer_{name}_unrolled"] = unrolled[(best, 1.125)]
+            summary[f"quota_us_per_layer_{name}_unrolled_by_budget"] = {
+                budget_key(b): us for (split, b), us in sorted(unrolled.items()) if split == best
+            }
 
 
 def merge_part(args) -> None:

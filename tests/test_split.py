@@ -57,7 +57,7 @@ def quotas_balanced(counts, expert_slots, replica_count, *, slots_per_device):
 def test_water_fill_levels_the_lowest(base, amount, n_valid):
     valid = jnp.arange(4) < n_valid
     alloc = np.asarray(
-        water_fill(jnp.array([base], jnp.float32), jnp.array([amount], jnp.float32), valid[None])
+        water_fill(jnp.array([base], jnp.float32), jnp.array([[amount]], jnp.float32), valid[None])
     )[0]
     assert np.all(alloc >= 0) and np.all(alloc[n_valid:] == 0)
     np.testing.assert_allclose(alloc.sum(), amount, rtol=1e-5, atol=1e-3)
@@ -118,27 +118,49 @@ def test_split_device_loads_batches_like_single_calls():
     np.testing.assert_array_equal(device_loads(q, device, valid, D), together[0])
 
 
-def test_fused_rounds_kernel_matches_the_xla_rounds():
-    from moeless_jax.moe.split import water_fill_rounds
-    from moeless_jax.moe.split_kernel import fused_rounds
+@settings(max_examples=6, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    shape=st.sampled_from([(16, 8, 3), (12, 6, 3), (10, 5, 4), (16, 8, 4)]),
+)
+def test_fused_kernel_matches_the_xla_path(seed, shape):
+    """The Pallas kernel (run in interpret mode: its own arithmetic, on CPU) against the same function under
+    XLA, including sizes that the kernel pads to powers of two."""
+    from moeless_jax.moe.split import levelled_quotas
+    from moeless_jax.moe.split_kernel import fits_one_program, fused_levelled_quotas
 
-    rng = np.random.default_rng(3)
-    table = table_for(3, 4)
-    counts = jnp.asarray(skewed_counts(rng))
-    rows = jax.lax.top_k(jnp.asarray(table.replica_count), 12)[1]
-    device, valid = replica_devices(jnp.asarray(table.expert_slots), 4)
-    q0 = even_quotas(counts, jnp.asarray(table.replica_count), D)[rows].astype(jnp.float32)
-    args = (
-        q0,
-        device[rows],
-        valid[rows],
-        counts[rows].astype(jnp.float32),
-        jnp.full(12, 0.25),
-        jnp.asarray(rng.uniform(0, 200, D), jnp.float32),
-    )
-    want = water_fill_rounds(*args, iterations=10)
-    got = fused_rounds(*args, iterations=10, interpret=True)  # the kernel's own arithmetic, run on CPU
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+    num_experts, num_devices, slots = shape
+    rng = np.random.default_rng(seed)
+    table = ReplicaTable.random(rng, num_experts=num_experts, num_devices=num_devices, slots_per_device=slots)
+    counts = rng.multinomial(1024, rng.dirichlet(np.full(num_experts, 0.3))).astype(np.int32)
+    args = (jnp.asarray(counts)[:, None], jnp.asarray(table.expert_slots),
+            jnp.asarray(table.replica_count)[:, None])
+    kw = dict(slots_per_device=slots, num_devices=num_devices,
+              num_movable=min(num_experts, num_devices * slots - num_experts), iterations=6)
+    assert fits_one_program(num_experts, num_devices, num_devices, kw["num_movable"])
+    want = levelled_quotas(*args, **kw)
+    got = fused_levelled_quotas(*args, **kw, interpret=True)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.asarray(got).sum(1), counts)
+
+
+def test_more_rounds_never_raise_the_levelled_objective():
+    """Each round's exact line search descends: sum_d load_d^2 of the quotas falls (up to integer rounding)
+    as rounds are added, and the maximum load with them."""
+    rng = np.random.default_rng(5)
+    table = table_for(5, 3)
+    counts = jnp.asarray(skewed_counts(rng, tokens=4096, skew=0.3))
+    es, rc = jnp.asarray(table.expert_slots), jnp.asarray(table.replica_count)
+    device, valid = replica_devices(es, 3)
+    squares, worst = [], []
+    for iterations in (1, 2, 4, 8, 16):
+        q = balanced_quotas(counts, es, rc, slots_per_device=3, num_devices=D, iterations=iterations)
+        load = np.asarray(device_loads(q, device, valid, D), np.float64)
+        squares.append(float((load**2).sum()))
+        worst.append(float(load.max()))
+    rounding = 2 * D * float(counts.max())  # integer rounding moves each device by < R tokens
+    assert all(b <= a + rounding for a, b in zip(squares, squares[1:], strict=False)), squares
+    assert worst[-1] <= worst[0]
 
 
 @settings(max_examples=30, deadline=None)
@@ -155,3 +177,32 @@ def test_rank_within_group_counts_earlier_members(seed, groups, n):
         seen[g] += 1
     np.testing.assert_array_equal(np.asarray(rank), expected)
     np.testing.assert_array_equal(np.asarray(counts), seen)
+
+
+def test_fused_kernel_inside_shard_map_takes_the_inputs_varying_axes():
+    """Per-device counts (varying over the mesh axis) with a replicated table: the kernel's output type must
+    match the XLA path's, or ``platform_dependent`` (which traces every platform's branch) cannot pick."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from moeless_jax.moe.split import levelled_quotas
+    from moeless_jax.moe.split_kernel import fused_levelled_quotas
+
+    mesh = jax.make_mesh((len(jax.devices()),), ("ep",))
+    table = table_for(7, 3)
+    rng = np.random.default_rng(7)
+    counts = np.concatenate([skewed_counts(rng)[:, None] for _ in range(len(jax.devices()))])
+    kw = dict(slots_per_device=3, num_devices=D, num_movable=min(E, D * 3 - E), iterations=4)
+
+    def both(totals, slots, count):
+        branch = jax.lax.platform_dependent(totals, slots, count, cuda=partial(fused_levelled_quotas, **kw),
+                                            default=partial(levelled_quotas, **kw))
+        return branch, levelled_quotas(totals, slots, count, **kw)
+
+    fn = jax.jit(jax.shard_map(both, mesh=mesh, in_specs=(P("ep"), P(), P()), out_specs=P("ep")))
+    branch, xla = fn(
+        jax.device_put(jnp.asarray(counts), NamedSharding(mesh, P("ep"))),
+        jnp.asarray(table.expert_slots),
+        jnp.asarray(table.replica_count)[:, None],
+    )
+    np.testing.assert_array_equal(branch, xla)

@@ -11,6 +11,8 @@ RouterKind = Literal["mixtral", "deepseek"]
 Backend = Literal["dense", "ragged"]
 Split = Literal["even", "balanced"]
 SPLITS: tuple[str, ...] = get_args(Split)
+# Rounds of the balanced split; see results/split/iterations.json for what fewer or more rounds give.
+SPLIT_ITERATIONS = 8
 ExpertKernel = Literal["ragged", "capacity", "auto"]
 EXPERT_KERNELS: tuple[str, ...] = get_args(ExpertKernel)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -64,7 +66,7 @@ class MoEConfig:
     backend: Backend = "dense"
     capacity_factor: float | None = None
     split: Split = "even"
-    split_iterations: int = 24
+    split_iterations: int = SPLIT_ITERATIONS
     expert_kernel: ExpertKernel = "ragged"
     slot_capacity_factor: float = 1.1
     overflow_fraction: float = 0.25

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moeless_jax.moe.config import Split
+from moeless_jax.moe.config import SPLIT_ITERATIONS, Split
 from moeless_jax.moe.replica_table import TableArrays
 from moeless_jax.moe.split import global_expert_rank, rank_within_group, replica_for_rank, split_quotas
 
@@ -56,7 +56,7 @@ def assign_slots(
     slots_per_device: int,
     axis_name: str,
     split: Split = "even",
-    split_iterations: int = 24,
+    split_iterations: int = SPLIT_ITERATIONS,
 ) -> Assignments:
     """Map local routing ``expert_ids [T, K]`` to physical slots by the ``split`` rule."""
     num_tokens, top_k = expert_ids.shape

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moeless_jax.moe.config import SPLITS
+from moeless_jax.moe.config import SPLIT_ITERATIONS, SPLITS
 
 
 def rank_within_group(group: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
@@ -54,11 +54,8 @@ def even_quotas(expert_totals: jax.Array, replica_count: jax.Array, r_max: int) 
 
     expert_totals: [E]; replica_count: [E] (>= 1). Returns quotas [E, r_max] int32, zero past the count.
     """
-    j = jnp.arange(r_max, dtype=jnp.int32)
-    n = jnp.maximum(replica_count, 1)[:, None]
-    base, extra = expert_totals[:, None] // n, expert_totals[:, None] % n
-    quotas = base + (j[None, :] < extra).astype(jnp.int32)
-    return jnp.where(j[None, :] < replica_count[:, None], quotas, 0).astype(jnp.int32)
+    return even_quotas_2d(expert_totals.astype(jnp.int32)[:, None], replica_count.astype(jnp.int32)[:, None],
+                          r_max)
 
 
 def replica_for_rank(rank: jax.Array, expert: jax.Array, quotas: jax.Array) -> jax.Array:
@@ -84,22 +81,23 @@ def device_loads(quotas: jax.Array, device: jax.Array, valid: jax.Array, num_dev
 
 
 def water_fill(base: jax.Array, amount: jax.Array, valid: jax.Array) -> jax.Array:
-    """Pour ``amount[e]`` over the replicas of row ``e`` so the lowest levels rise together.
+    """Pour ``amount[m]`` over the replicas of row ``m`` so the lowest levels rise together.
 
-    base: [E, R] current level of each replica's device without this expert; amount: [E]; valid: [E, R].
-    Returns [E, R] non-negative allocations summing to ``amount`` per row, levelling ``base + alloc``
-    over the replicas that receive anything. Sort-free (pairwise [E, R, R]) so it fuses on accelerators.
+    base: [M, R] current level of each replica's device without this expert; amount: [M, 1]; valid: [M, R].
+    Returns [M, R] non-negative allocations summing to ``amount`` per row, levelling ``base + alloc``
+    over the replicas that receive anything. Sort-free (pairwise [M, R, R]) so it also runs inside a kernel.
     """
     big = jnp.finfo(base.dtype).max / 4
     b = jnp.where(valid, base, big)
     # Water needed to raise every replica up to breakpoint b_k: sum_j max(0, b_k - b_j).
-    below = b[:, None, :] <= b[:, :, None]  # [E, k, j]: b_j <= b_k
-    need = jnp.sum(jnp.where(below, b[:, :, None] - b[:, None, :], 0), axis=-1)  # [E, k]
-    feasible = valid & (need <= amount[:, None])
-    top = jnp.max(jnp.where(feasible, b, -big), axis=-1)  # highest breakpoint reachable
-    active = valid & (b <= top[:, None])
-    level = (amount + jnp.sum(jnp.where(active, b, 0), axis=-1)) / jnp.maximum(jnp.sum(active, axis=-1), 1)
-    return jnp.where(valid, jnp.maximum(level[:, None] - b, 0), 0)
+    below = b[:, None, :] <= b[:, :, None]  # [M, k, j]: b_j <= b_k
+    need = jnp.sum(jnp.where(below, b[:, :, None] - b[:, None, :], 0.0), axis=2)  # [M, k]
+    feasible = valid & (need <= amount)
+    top = jnp.max(jnp.where(feasible, b, -big), axis=1, keepdims=True)  # highest breakpoint reachable
+    active = valid & (b <= top)
+    count = jnp.maximum(jnp.sum(active.astype(base.dtype), axis=1, keepdims=True), 1.0)
+    level = (amount + jnp.sum(jnp.where(active, b, 0.0), axis=1, keepdims=True)) / count
+    return jnp.where(valid, jnp.maximum(level - b, 0.0), 0.0)
 
 
 def balanced_quotas(
@@ -109,7 +107,7 @@ def balanced_quotas(
     *,
     slots_per_device: int,
     num_devices: int,
-    iterations: int = 24,
+    iterations: int = SPLIT_ITERATIONS,
     fused: bool = True,
 ) -> jax.Array:
     """Integer quotas [E, R] that level device loads, for the experts' true token counts.
@@ -118,87 +116,155 @@ def balanced_quotas(
     vectors form the base polytope of a coverage polymatroid, where the minimiser of a separable convex
     function also minimises the maximum load, so this is the min-max split (the LP optimum).
 
-    Method: parallel water-filling. Each round, every replicated expert computes the split that would
-    level its own replicas' devices given everyone else's tokens, and moves a step ``1 / n`` toward it,
-    where ``n`` is the most replicated experts sharing one of its devices. By convexity the simultaneous
-    steps never increase sum_d load_d^2, so the rounds descend monotonically from the even split. The
-    result is rounded to integers per expert (largest remainders) and, as a safeguard, the even split is
-    kept if it has the lower maximum. Only experts with several replicas can move, and there are at most
-    ``P - E`` of them, so the rounds run on those rows alone.
+    Method: parallel water-filling with an exact line search (:func:`levelled_quotas`). ``iterations``
+    rounds start from the even split; the result is rounded to integers per expert and, as a safeguard, the
+    even split is kept if it has the lower maximum.
 
     expert_totals: [E] tokens per expert; expert_slots: [E, R] (-1 padded); replica_count: [E].
-    ``fused`` runs the rounds as one Pallas kernel on CUDA GPUs (same result, a few kernels instead of ~100;
-    see :mod:`moeless_jax.moe.split_kernel`); other platforms always run the XLA rounds.
+    ``fused`` runs the whole computation as one Pallas kernel on CUDA GPUs when its tensors fit one program
+    (same arithmetic, one launch instead of dozens; see :mod:`moeless_jax.moe.split_kernel`); other
+    platforms, and larger tables, run the same function under XLA.
     """
     num_experts, r_max = expert_slots.shape
-    even = even_quotas(expert_totals, replica_count, r_max)
     num_movable = min(num_experts, num_devices * slots_per_device - num_experts)
     if num_movable <= 0:
-        return even
-    device, valid = replica_devices(expert_slots, slots_per_device)
-    worst = lambda q: jnp.max(device_loads(q, device, valid, num_devices))  # noqa: E731
+        return even_quotas(expert_totals, replica_count, r_max)
+    kw = dict(slots_per_device=slots_per_device, num_devices=num_devices, num_movable=num_movable,
+              iterations=iterations)
+    args = (expert_totals.astype(jnp.int32)[:, None], expert_slots.astype(jnp.int32),
+            replica_count.astype(jnp.int32)[:, None])
+    xla = partial(levelled_quotas, **kw)
+    if not fused:
+        return xla(*args)
+    from moeless_jax.moe.split_kernel import fits_one_program, fused_levelled_quotas
 
-    rows = jax.lax.top_k(replica_count, num_movable)[1]  # every replicated expert is among these
-    m_device, m_valid, m_totals = device[rows], valid[rows], expert_totals[rows].astype(jnp.float32)
-    fixed = device_loads(even.astype(jnp.float32), device, valid, num_devices) - device_loads(
-        even[rows].astype(jnp.float32), m_device, m_valid, num_devices
-    )
-    movable = (replica_count[rows] > 1)[:, None] & m_valid
-    sharing = jnp.zeros(num_devices, jnp.float32).at[m_device].add(movable.astype(jnp.float32))
-    step = 1.0 / jnp.maximum(jnp.max(jnp.where(m_valid, sharing[m_device], 1.0), axis=-1), 1.0)  # [M]
-
-    rounds_args = (even[rows].astype(jnp.float32), m_device, m_valid, m_totals, step, fixed)
-    xla = partial(water_fill_rounds, iterations=iterations)
-    if fused:  # one Pallas kernel on GPU; the XLA rounds elsewhere
-        from moeless_jax.moe.split_kernel import fused_rounds
-
-        fractional = jax.lax.platform_dependent(
-            *rounds_args, cuda=partial(fused_rounds, iterations=iterations), default=xla
-        )
-    else:
-        fractional = xla(*rounds_args)
-    balanced = even.at[rows].set(round_quotas(fractional, expert_totals[rows], m_valid))
-    return jnp.where(worst(balanced) <= worst(even), balanced, even)
+    if not fits_one_program(num_experts, r_max, num_devices, num_movable):
+        return xla(*args)
+    return jax.lax.platform_dependent(*args, cuda=partial(fused_levelled_quotas, **kw), default=xla)
 
 
-def water_fill_rounds(
-    q: jax.Array,
-    device: jax.Array,
-    valid: jax.Array,
+def levelled_quotas(
     totals: jax.Array,
-    step: jax.Array,
-    fixed: jax.Array,
+    expert_slots: jax.Array,
+    replica_count: jax.Array,
     *,
+    slots_per_device: int,
+    num_devices: int,
+    num_movable: int,
     iterations: int,
 ) -> jax.Array:
-    """The balanced split's rounds over the replicated experts' rows.
+    """The balanced split in broadcast-only form (no gather, scatter or sort), so that the same function
+    runs under XLA and as the body of the Pallas kernel.
 
-    q, device, valid: [M, R] quotas, replica devices, validity; totals, step: [M]; fixed: [D] device loads of
-    the experts that cannot move. Returns the fractional quotas after ``iterations`` rounds.
+    totals: [E, 1] int32 tokens per expert; expert_slots: [E, R] int32 (-1 padded); replica_count: [E, 1].
+    ``num_movable`` (static) bounds the experts with several replicas (``min(E, P - E)``): where they are few
+    (:func:`round_rows`), the rounds run on those rows alone, gathered and scattered back with a one-hot
+    selection. Returns [E, R] int32 quotas.
+
+    Each round, every replicated expert computes the split that would level its own replicas' devices given
+    everyone else's tokens (:func:`water_fill`); all experts then move together along that direction by the
+    step that minimises sum_d load_d^2 exactly (the objective is quadratic in the step; clipped to [0, 1]).
+    Every expert's own move is a descent direction, so their sum is one too, and the exact step is at least
+    as good as the safe simultaneous step ``1 / n`` (``n``: most movable experts sharing a device): the
+    rounds descend monotonically.
     """
-    num_devices = fixed.shape[0]
+    num_experts, r_max = expert_slots.shape
+    valid = expert_slots >= 0
+    device = jnp.where(valid, expert_slots // slots_per_device, -1)  # [E, R]; -1 matches no device
+    even = even_quotas_2d(totals, replica_count, r_max)
 
-    def round_(_, q):
-        loads = fixed + device_loads(q, device, valid, num_devices)
-        target = water_fill(loads[device] - q, totals, valid)
-        return q + step[:, None] * (target - q)
+    movable = replica_count > 1  # [E, 1]
+    take, put = _row_selection(movable, round_rows(num_experts, num_movable))
+    m_device = take(device + 1) - 1  # unselected rows: -1
+    m_valid = m_device >= 0
+    m_even = take(even)
+    m_count = jnp.sum(m_even, axis=1, keepdims=True)  # = the rows' totals: even quotas add up to them
+    m_totals = m_count.astype(jnp.float32)
+    on_device = _one_hot_devices(m_device, num_devices)  # [M, R, D]
+    m_loads = lambda q: _device_sums(q[:, :, None] * on_device)  # noqa: E731  [M, R] -> [1, D]
+    even_loads = _device_sums(even.astype(jnp.float32)[:, :, None] * _one_hot_devices(device, num_devices))
+    q0 = m_even.astype(jnp.float32)
+    fixed = even_loads - m_loads(q0)
 
-    return jax.lax.fori_loop(0, iterations, round_, q, unroll=True)
+    def round_(carry):
+        q, loads = carry
+        base = jnp.sum(loads[:, None, :] * on_device, axis=2) - q  # [M, R]
+        delta = jnp.where(m_valid, water_fill(base, m_totals, m_valid) - q, 0.0)
+        delta_loads = m_loads(delta)
+        slope = jnp.sum(loads * delta_loads, axis=1, keepdims=True)  # [1, 1]
+        curvature = jnp.sum(delta_loads * delta_loads, axis=1, keepdims=True)
+        step = jnp.where(curvature > 0, jnp.clip(-slope / jnp.maximum(curvature, 1e-30), 0.0, 1.0), 0.0)
+        return q + step * delta, loads + step * delta_loads
+
+    carry = (q0, fixed + m_loads(q0))
+    for _ in range(iterations):  # unrolled when traced: few rounds, and Triton lowers no unrolled loops
+        carry = round_(carry)
+    fractional, _ = carry
+    m_quotas = round_quotas(fractional, m_count, m_valid)
+    balanced = jnp.where(movable, put(m_quotas), even)
+    worst_balanced = jnp.max(fixed + m_loads(m_quotas.astype(jnp.float32)))
+    return jnp.where(worst_balanced <= jnp.max(even_loads), balanced, even).astype(jnp.int32)
+
+
+def round_rows(num_experts: int, num_movable: int) -> int:
+    """Rows the rounds run on: the movable experts' when that is at most a quarter of the experts, else all.
+
+    Gathering rows costs an ``[M, E, R]`` product, which only pays when the rounds shrink a lot; rows with
+    one replica are fixed points of the rounds, so keeping them changes nothing."""
+    return num_movable if 4 * num_movable <= num_experts else num_experts
+
+
+def _row_selection(movable: jax.Array, num_rows: int):
+    """(take [E, C] -> [M, C], put [M, C] -> [E, C]) for the rows of the movable experts (``movable [E, 1]``),
+    as one-hot products (kernel-friendly); the identity when ``num_rows`` is every row."""
+    num_experts = movable.shape[0]
+    if num_rows >= num_experts:
+        return (lambda x: x), (lambda x: x)
+    e_before = jax.lax.broadcasted_iota(jnp.int32, (num_experts, num_experts), 0)
+    e_after = jax.lax.broadcasted_iota(jnp.int32, (num_experts, num_experts), 1)
+    as_row = lambda col: jnp.sum(jnp.where(e_before == e_after, col, 0), axis=0, keepdims=True)  # noqa: E731
+    rank = jnp.sum(jnp.where((e_before < e_after) & movable, 1, 0), axis=0, keepdims=True)  # [1, E]
+    m_index = jax.lax.broadcasted_iota(jnp.int32, (num_rows, num_experts), 0)
+    # select[m, e]: expert e is the m-th movable expert.
+    select = ((m_index == rank) & (as_row(movable.astype(jnp.int32)) > 0)).astype(jnp.int32)  # [M, E]
+    take = lambda x: jnp.sum(select[:, :, None] * x[None, :, :], axis=1)  # noqa: E731
+    put = lambda x: jnp.sum(select[:, :, None] * x[:, None, :], axis=0)  # noqa: E731
+    return take, put
+
+
+def even_quotas_2d(totals: jax.Array, replica_count: jax.Array, r_max: int) -> jax.Array:
+    """:func:`even_quotas` on column vectors ``totals, replica_count [E, 1]`` (kernel-friendly)."""
+    j = jax.lax.broadcasted_iota(jnp.int32, (1, r_max), 1)
+    n = jnp.maximum(replica_count, 1)
+    quotas = totals // n + (j < totals % n).astype(jnp.int32)
+    return jnp.where(j < replica_count, quotas, 0)
+
+
+def _one_hot_devices(device: jax.Array, num_devices: int) -> jax.Array:
+    """[M, R] device (-1: none) -> [M, R, D] float32 one-hot."""
+    d = jax.lax.broadcasted_iota(jnp.int32, (1, 1, num_devices), 2)
+    return (device[:, :, None] == d).astype(jnp.float32)
+
+
+def _device_sums(per_replica_device: jax.Array) -> jax.Array:
+    """[M, R, D] -> [1, D] sum over replicas."""
+    return jnp.sum(jnp.sum(per_replica_device, axis=1), axis=0, keepdims=True)
 
 
 def round_quotas(fractional: jax.Array, expert_totals: jax.Array, valid: jax.Array) -> jax.Array:
-    """Integer quotas per row summing to ``expert_totals``: floors plus the largest remainders."""
-    floors = jnp.where(valid, jnp.floor(fractional), 0).astype(jnp.int32)
-    missing = expert_totals.astype(jnp.int32) - jnp.sum(floors, axis=-1)  # [E], 0 <= missing < R
-    remainder = jnp.where(valid, fractional - floors, -1.0)
+    """Integer quotas per row summing to ``expert_totals [M, 1]``: floors plus the largest remainders."""
+    floors = jnp.where(valid, jnp.floor(fractional), 0.0).astype(jnp.int32)
+    missing = expert_totals - jnp.sum(floors, axis=1, keepdims=True)  # [M, 1], 0 <= missing < R
+    remainder = jnp.where(valid, fractional - floors.astype(fractional.dtype), -1.0)
     # Rank of each replica's remainder within its row (largest first, lower index wins ties).
     r = remainder.shape[1]
-    idx = jnp.arange(r)
+    k_index = jax.lax.broadcasted_iota(jnp.int32, (1, r, r), 1)
+    j_index = jax.lax.broadcasted_iota(jnp.int32, (1, r, r), 2)
     ahead = (remainder[:, None, :] > remainder[:, :, None]) | (
-        (remainder[:, None, :] == remainder[:, :, None]) & (idx[None, None, :] < idx[None, :, None])
+        (remainder[:, None, :] == remainder[:, :, None]) & (j_index < k_index)
     )
-    rank = jnp.sum(ahead, axis=-1)  # [E, R]
-    return floors + (valid & (rank < missing[:, None])).astype(jnp.int32)
+    rank = jnp.sum(ahead.astype(jnp.int32), axis=2)  # [M, R]
+    return floors + (valid & (rank < missing)).astype(jnp.int32)
 
 
 def split_quotas(
@@ -209,7 +275,7 @@ def split_quotas(
     slots_per_device: int,
     num_devices: int,
     split: str,
-    iterations: int = 24,
+    iterations: int = SPLIT_ITERATIONS,
 ) -> jax.Array:
     """[E, R] tokens each replica takes under ``split`` (``even`` or ``balanced``)."""
     if split == "even":
@@ -234,7 +300,7 @@ def split_slot_tokens(
     slots_per_device: int,
     num_devices: int,
     split: str,
-    iterations: int = 24,
+    iterations: int = SPLIT_ITERATIONS,
 ) -> jax.Array:
     """[E] expert token counts -> [P] tokens each slot computes under ``split`` (0 for empty slots)."""
     quotas = split_quotas(
@@ -260,7 +326,7 @@ def split_device_loads(
     slots_per_device: int,
     num_devices: int,
     split: str,
-    iterations: int = 24,
+    iterations: int = SPLIT_ITERATIONS,
 ) -> jax.Array:
     """[..., E] per-batch expert token counts -> [..., D] tokens per device under ``split``, for one table
     (leading batch axes are vmapped); the layer's own quota code."""
@@ -289,7 +355,7 @@ def host_tokens_per_device(
     *,
     num_devices: int,
     split: str,
-    iterations: int = 24,
+    iterations: int = SPLIT_ITERATIONS,
 ) -> np.ndarray:
     """numpy in, numpy out: ``[..., D]`` tokens each device computes when the integer token counts
     ``expert_loads [..., E]`` are split over the tables ``slot_to_expert [..., P]`` by ``split``.
@@ -308,7 +374,7 @@ def host_slot_tokens(
     *,
     num_devices: int,
     split: str,
-    iterations: int = 24,
+    iterations: int = SPLIT_ITERATIONS,
 ) -> np.ndarray:
     """``[..., P]`` tokens each slot computes (0 for empty slots); see :func:`host_tokens_per_device`."""
     from moeless_jax.moe.replica_table import expert_slot_arrays

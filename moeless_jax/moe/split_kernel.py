@@ -1,85 +1,85 @@
-"""The balanced split's water-filling rounds as one fused Pallas kernel (GPU).
+"""The balanced split as one fused Pallas kernel (GPU).
 
-Under XLA each round of :func:`moeless_jax.moe.split.balanced_quotas` is a chain of reductions, so 24 rounds
-become about a hundred tiny kernels and launch latency dominates (~120 µs per layer on an H200). The rounds
-touch only ``[M, R]`` quotas of the replicated experts (M <= P - E, R = D), so one program can keep them in
-registers and run every round in a single launch. Same arithmetic as the XLA rounds; interpret mode checks
-it on CPU.
+Under XLA :func:`moeless_jax.moe.split.levelled_quotas` becomes dozens of tiny kernels (the even split, the
+row selection, every round's reductions, the rounding and the safeguard), so launch gaps dominate its time.
+Its tensors are small (``[E, R]`` quotas, ``[M, R, D]`` one-hots, ``[M, E, R]`` selections), so one program
+can hold them all and run the whole computation in a single launch. The kernel body *is*
+``levelled_quotas``, so the two paths share their arithmetic; interpret mode checks the kernel on CPU.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from moeless_jax.moe.split import levelled_quotas, round_rows
+
+# Largest intermediate (elements) kept in one program; beyond it registers spill and XLA is faster.
+MAX_PROGRAM_ELEMENTS = 1 << 15
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _rounds_kernel(
-    q_ref, device_ref, valid_ref, totals_ref, step_ref, fixed_ref, out_ref, *, iterations: int
-):
-    q = q_ref[...]  # [M, R]
-    valid = valid_ref[...] > 0  # [M, R]
-    totals, step = totals_ref[...], step_ref[...]  # [M, 1]
-    fixed = fixed_ref[...]  # [1, D]
-    num_devices = fixed.shape[1]
-    on_device = (device_ref[...][:, :, None] == jnp.arange(num_devices)[None, None, :]) & valid[:, :, None]
-    on_device = on_device.astype(jnp.float32)  # [M, R, D]
-    big = jnp.float32(3.0e38)
-
-    def round_(_, q):
-        loads = fixed[0] + jnp.sum(jnp.sum(q[:, :, None] * on_device, axis=1), axis=0)  # [D]
-        base = jnp.sum(loads[None, None, :] * on_device, axis=2) - q  # [M, R]
-        b = jnp.where(valid, base, big)
-        below = b[:, None, :] <= b[:, :, None]  # [M, k, j]: b_j <= b_k
-        need = jnp.sum(jnp.where(below, b[:, :, None] - b[:, None, :], 0.0), axis=2)  # [M, k]
-        feasible = valid & (need <= totals)
-        top = jnp.max(jnp.where(feasible, b, -big), axis=1, keepdims=True)  # [M, 1]
-        active = valid & (b <= top)
-        count = jnp.maximum(jnp.sum(active.astype(jnp.float32), axis=1, keepdims=True), 1.0)
-        level = (totals + jnp.sum(jnp.where(active, b, 0.0), axis=1, keepdims=True)) / count
-        target = jnp.where(valid, jnp.maximum(level - b, 0.0), 0.0)
-        return q + step * (target - q)
-
-    out_ref[...] = jax.lax.fori_loop(0, iterations, round_, q)
+def fits_one_program(num_experts: int, r_max: int, num_devices: int, num_movable: int) -> bool:
+    """Whether the kernel's largest tensor (after padding to powers of two) stays within one program."""
+    e, r, d, m = (_pow2(n) for n in (num_experts, r_max, num_devices, num_movable))
+    rows = round_rows(e, m)
+    selection = max(rows * e * r, e * e) if rows < e else 0
+    return max(selection, e * r * d, rows * r * max(r, d)) <= MAX_PROGRAM_ELEMENTS
 
 
-def fused_rounds(
-    q: jax.Array,
-    device: jax.Array,
-    valid: jax.Array,
+def default_num_warps(num_experts: int, r_max: int, num_devices: int, num_movable: int) -> int:
+    """Warps for the kernel: few for small rounds (less cross-warp reduction), more once the rounds' ``[rows,
+    R, max(R, D)]`` tensors grow (fewer registers per thread). Picked from H200 timings of the 64-expert,
+    8-device tables at 1.125x-2x slots (``results/split/quota_gpu.json``)."""
+    e, r, d, m = (_pow2(n) for n in (num_experts, r_max, num_devices, num_movable))
+    return 2 if round_rows(e, m) * r * max(r, d) <= 512 else 8
+
+
+def fused_levelled_quotas(
     totals: jax.Array,
-    step: jax.Array,
-    fixed: jax.Array,
+    expert_slots: jax.Array,
+    replica_count: jax.Array,
     *,
+    slots_per_device: int,
+    num_devices: int,
+    num_movable: int,
     iterations: int,
+    num_warps: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Run the water-filling rounds in one kernel; shapes as in ``balanced_quotas`` (padded to powers of 2).
+    """:func:`~moeless_jax.moe.split.levelled_quotas` in one kernel; same arguments and result.
 
-    q, device, valid: [M, R]; totals, step: [M]; fixed: [D]. Returns the fractional quotas [M, R].
+    Triton tensors have power-of-two sizes, so experts, replicas, devices and movable rows are padded: padded
+    experts have no replicas and no tokens, padded replicas are invalid, padded devices hold nothing.
     """
-    m, r = q.shape
-    d = fixed.shape[0]
-    mp, rp, dp = _pow2(m), _pow2(r), _pow2(d)
-    pad2 = lambda a, fill: jnp.pad(a, ((0, mp - m), (0, rp - r)), constant_values=fill)  # noqa: E731
+    num_experts, r_max = expert_slots.shape
+    e, r = _pow2(num_experts), _pow2(r_max)
     args = (
-        pad2(q.astype(jnp.float32), 0.0),
-        pad2(device.astype(jnp.int32), 0),
-        pad2(valid.astype(jnp.int32), 0),
-        jnp.pad(totals.astype(jnp.float32), (0, mp - m))[:, None],
-        jnp.pad(step.astype(jnp.float32), (0, mp - m))[:, None],
-        jnp.pad(fixed.astype(jnp.float32), (0, dp - d))[None, :],
+        jnp.pad(totals, ((0, e - num_experts), (0, 0))),
+        jnp.pad(expert_slots, ((0, e - num_experts), (0, r - r_max)), constant_values=-1),
+        jnp.pad(replica_count, ((0, e - num_experts), (0, 0))),
     )
+    body = partial(levelled_quotas, slots_per_device=slots_per_device, num_devices=_pow2(num_devices),
+                   num_movable=_pow2(num_movable), iterations=iterations)
+
+    def kernel(totals_ref, slots_ref, count_ref, out_ref):
+        out_ref[...] = body(totals_ref[...], slots_ref[...], count_ref[...])
+
+    # Inside shard_map the output varies over the mesh axes that the XLA path's output would.
+    manual_axis_type = jax.eval_shape(body, *args).manual_axis_type
     out = pl.pallas_call(
-        lambda *refs: _rounds_kernel(*refs, iterations=iterations),
-        # Inside shard_map the output varies over the same mesh axes as the inputs do.
-        out_shape=jax.ShapeDtypeStruct(
-            (mp, rp), jnp.float32, manual_axis_type=jax.typeof(args[0]).manual_axis_type
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((e, r), jnp.int32, manual_axis_type=manual_axis_type),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=num_warps or default_num_warps(num_experts, r_max, num_devices, num_movable)
         ),
         interpret=interpret,
     )(*args)
-    return out[:m, :r]
+    return out[:num_experts, :r_max]
