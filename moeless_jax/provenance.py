@@ -16,13 +16,22 @@ METHODS = ("measured", "emulated", "simulated", "computed")
 
 
 def _git_commit() -> str | None:
+    """Short commit of the checkout, with ``+dirty`` when tracked files differ from it (the result then comes
+    from the commit that records those changes, or from none)."""
     try:
-        out = subprocess.run(
+        head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    commit = head.stdout.strip()
+    if not commit:
+        return None
+    return commit + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
 
 
 def _portable_command(argv: list[str]) -> str:

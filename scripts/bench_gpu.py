@@ -9,7 +9,8 @@ merges them into ``summary.json`` and ``calibration-h200.json``):
                ``capacity`` (batched matmuls over per-slot buffers, ragged overflow) and ``tokamax``
                (tokamax.ragged_dot, when importable), with balanced slot loads (a MoEless table with the
                balanced split) and skewed ones (a static-EP device: Dirichlet(0.5) slot shares).
-``bandwidth``  device-to-device copy bandwidth and one expert's weight copy into a slot, per shape.
+``bandwidth``  the ceilings (device-to-device copy bandwidth; an 8192^3 bf16 matmul through jax) and one
+               expert's weight copy into a slot, per shape.
 ``layer``      the whole layer at D = 1 (router, dispatch, experts, combine) and its time split by part.
 ``swap``       table swaps through a jitted NNX layer: retraces (must be 0) and the cost of a swap.
 ``predictor``  a gate-copy load predictor (x @ W[M, E] -> top-k -> counts) for 1..16384 tokens.
@@ -40,6 +41,9 @@ TOKENS = (1, 16, 64, 512, 2048, 8192, 32768, 65536)
 SKEWED_TOKENS = (2048, 8192, 32768)  # skewed slot loads are timed at these sizes only
 DEVICES = 8
 PEAK_TFLOPS = 790.0  # bf16 dense matmul ceiling of one H200 (8192^3, random data)
+# Kernel and copy timings enqueue this many calls per sample and wait once (device time per call, the host's
+# dispatch overlapped, as in a serving loop); see moeless_jax.bench.time_fn.
+PIPELINED = 10
 PARTS = ("kernels", "bandwidth", "layer", "swap", "predictor", "summarize", "calibrate")
 
 
@@ -177,7 +181,9 @@ def kernels_part(args, out_dir: Path) -> None:
                         if not err <= 0.02 * scale:  # bf16 rounding only; an incomplete output is a bug
                             raise AssertionError(f"{kernel} differs from ragged by {err} (scale {scale})")
                         call = (fn, rows, slot, w, cap)
-                        seconds = time_fn(lambda c=call: c[0](*c[1:]), repeats=5, min_seconds=0.05)
+                        run = lambda c=call: c[0](*c[1:])  # noqa: E731
+                        seconds = time_fn(run, repeats=5, min_seconds=0.05, pipelined=PIPELINED)
+                        synchronised = time_fn(run, repeats=5, min_seconds=0.05)
                     except Exception as exc:  # a kernel that cannot run here is recorded, not fatal
                         print(f"{shape} {tokens} {kernel}: {type(exc).__name__}: {exc}"[:300], flush=True)
                         continue
@@ -192,10 +198,13 @@ def kernels_part(args, out_dir: Path) -> None:
                         "ms": seconds * 1e3,
                         "tflops": flops / seconds / 1e12,
                         "pct_peak": 100 * flops / seconds / 1e12 / PEAK_TFLOPS,
+                        "ms_synchronised": synchronised * 1e3,
+                        "pct_peak_synchronised": 100 * flops / synchronised / 1e12 / PEAK_TFLOPS,
                         "weight_gbps": weight_bytes / seconds / 1e9,
                         "max_abs_err_vs_ragged": err,
                         "max_slot_rows": int(per_slot.max()),
                         "slot_buffer_rows": cap[0],
+                        "pipelined_calls": PIPELINED,
                     }
                     same = ("shape", "tokens", "regime", "kernel")
                     points = [p for p in points if any(p[k] != point[k] for k in same)] + [point]
@@ -213,15 +222,16 @@ def bandwidth_part(args, out_dir: Path) -> None:
     import jax
     import jax.numpy as jnp
 
-    from moeless_jax.bench import time_fn
+    from moeless_jax.bench import measure_matmul_peak, time_fn
     from moeless_jax.moe import Move, MovePlan, init_mlp_weights
     from moeless_jax.moe.slot_weights import apply_moves, expert_bytes
 
     big = jnp.ones((2 * 1024**3,), jnp.bfloat16)  # 4 GiB
     copy = jax.jit(lambda a: a * 1)  # one read and one write of every byte
-    seconds = time_fn(lambda: copy(big), repeats=10)
+    seconds = time_fn(lambda: copy(big), repeats=10, pipelined=PIPELINED)
     copy_tbps = 2 * big.nbytes / seconds / 1e12
-    out = {"device": jax.devices()[0].device_kind, "copy_tbps_read_plus_write": copy_tbps, "expert_copy": []}
+    out = {"device": jax.devices()[0].device_kind, "copy_tbps_read_plus_write": copy_tbps, "expert_copy": [],
+           "pipelined_calls": PIPELINED, "matmul_tflops_jax": measure_matmul_peak(pipelined=PIPELINED)}
     for shape in args.shapes:
         d_model, d_ff, _, _ = SHAPES[shape]
         state = {"w": init_mlp_weights(jax.random.key(0), (2,), d_model, d_ff, jnp.bfloat16)}
@@ -233,7 +243,7 @@ def bandwidth_part(args, out_dir: Path) -> None:
             state["w"] = apply_moves(state["w"], plan)  # donated: an in-place slot copy
             return state["w"]
 
-        seconds = time_fn(move, repeats=20)
+        seconds = time_fn(move, repeats=20, pipelined=PIPELINED)
         point = {
             "shape": shape,
             "bytes": nbytes,
@@ -443,6 +453,7 @@ def summarize_part(args, out_dir: Path) -> None:
             p = point("mixtral", tokens, kernel)
             key = {"capacity": "gmm", "ragged": "ragged", "tokamax": "tokamax"}[kernel]
             summary[f"{key}_pct_peak_mixtral_{tokens}"] = p and p["pct_peak"]
+            summary[f"{key}_pct_peak_mixtral_{tokens}_synchronised"] = p and p.get("pct_peak_synchronised")
     for kernel in ("capacity", "ragged", "tokamax"):
         p = point("mixtral", 16, kernel)
         summary[f"decode_{kernel}_pct_hbm_mixtral_16"] = (
