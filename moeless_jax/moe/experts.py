@@ -73,8 +73,15 @@ def capacity_swiglu(
     real = slot < num_slots
     position, _ = rank_within_group(slot, num_slots + 1)
     fits = real & (position < capacity)
-    buffer = jnp.zeros((num_slots, capacity, rows.shape[-1]), rows.dtype)
-    buffer = buffer.at[slot, position].set(jnp.where(fits[:, None], rows, 0), mode="drop")
+    # Fill the buffer by a gather (each buffer row names its source row; empty ones name a zero row) rather
+    # than a scatter of whole rows: only the int32 index is scattered.
+    num_rows = rows.shape[0]
+    source = jnp.full(num_slots * capacity, num_rows, jnp.int32)
+    source = source.at[jnp.where(fits, slot * capacity + position, num_slots * capacity)].set(
+        jnp.arange(num_rows, dtype=jnp.int32), mode="drop"
+    )
+    padded = jnp.concatenate([rows, jnp.zeros((1, rows.shape[-1]), rows.dtype)])
+    buffer = padded[source].reshape(num_slots, capacity, rows.shape[-1])
     h = jax.nn.silu(jnp.einsum("scm,smf->scf", buffer, w.gate)) * jnp.einsum("scm,smf->scf", buffer, w.up)
     y_buffer = jnp.einsum("scf,sfm->scm", h, w.down)
     y = jnp.where(fits[:, None], y_buffer.at[slot, jnp.minimum(position, capacity - 1)].get(mode="clip"), 0)
