@@ -3,6 +3,8 @@
 ``--part quota``  time of the quota computation per layer on the default device (CPU or GPU): a jitted scan
                   over many layers' expert counts, so the per-layer figure is device time without the Python
                   dispatch of one call. Writes ``quota_<platform>.json``.
+``--part warps``  (GPU) the fused kernel's time per layer for 1..16 warps at every budget, layers unrolled:
+                  how the kernel's default warps were chosen. Writes ``quota_warps_<platform>.json``.
 ``--part merge``  refresh the quota timings inside an existing ``summary.json``.
 ``--part eval``   the real-trace evaluation: DeepSeek-V2-Lite routing (MoE-Beyond), test prompts, batches from
                   Azure conversation arrivals in 1-s windows; max device load against Oracle (perfect
@@ -27,13 +29,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from moeless_jax.moe.config import SPLIT_ITERATIONS  # noqa: E402
+
 BUDGETS = (1.125, 1.25, 1.5, 2.0)
 NUM_EXPERTS, NUM_DEVICES = 64, 8  # DeepSeek-V2-Lite's routed experts on 8 devices
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=("quota", "eval", "merge", "iterations"), required=True)
+    p.add_argument("--part", choices=("quota", "warps", "eval", "merge", "iterations"), required=True)
     p.add_argument("--out-dir", default="results/split")
     p.add_argument("--data-dir", help="folder holding moe-beyond/ and azure-llm-2023/ (eval part)")
     p.add_argument("--layers", type=int, default=256, help="layers per timed scan (quota part)")
@@ -100,26 +104,67 @@ def compare_fused(counts, expert_slots, replica_count, *, slots_per_device: int)
     }
 
 
-def time_quotas(layers: int, unrolled_layers: int) -> dict:
-    import jax
+def sample_counts(rng, layers: int):
+    """[L, E] int32 expert counts of 4096-token batches at top-6 under skewed (Dirichlet(0.5)) popularity."""
     import jax.numpy as jnp
     import numpy as np
 
-    from moeless_jax.bench import time_fn
+    popularity = rng.dirichlet(np.full(NUM_EXPERTS, 0.5), size=layers)
+    return jnp.asarray(np.stack([rng.multinomial(4096 * 6, p) for p in popularity]), jnp.int32)
+
+
+def random_table(rng, budget: float):
+    """(slots per device, expert_slots [E, R], replica_count [E]) of a random table at ``budget`` x slots."""
+    import jax.numpy as jnp
+
     from moeless_jax.moe import ReplicaTable
 
+    slots = int(round(budget * NUM_EXPERTS / NUM_DEVICES))
+    table = ReplicaTable.random(rng, num_experts=NUM_EXPERTS, num_devices=NUM_DEVICES, slots_per_device=slots)
+    return slots, jnp.asarray(table.expert_slots), jnp.asarray(table.replica_count)
+
+
+def time_warps(unrolled_layers: int) -> dict:
+    """The fused kernel's time per layer for 1..16 warps (GPU), layers unrolled: how ``default_num_warps``
+    was chosen."""
+    import jax
+    import numpy as np
+
+    from moeless_jax.bench import time_fn
+    from moeless_jax.moe.split_kernel import default_num_warps, fused_levelled_quotas
+
     rng = np.random.default_rng(0)
-    tokens, top_k = 4096, 6
-    popularity = rng.dirichlet(np.full(NUM_EXPERTS, 0.5), size=layers)
-    counts = jnp.asarray(np.stack([rng.multinomial(tokens * top_k, p) for p in popularity]), jnp.int32)
+    counts = sample_counts(rng, unrolled_layers)
+    out = {"layers_unrolled": unrolled_layers, "experts": NUM_EXPERTS, "devices": NUM_DEVICES, "points": []}
+    for budget in BUDGETS:
+        slots, expert_slots, replica_count = random_table(rng, budget)
+        num_movable = min(NUM_EXPERTS, NUM_DEVICES * slots - NUM_EXPERTS)
+        default = default_num_warps(NUM_EXPERTS, NUM_DEVICES, NUM_DEVICES, num_movable)
+        for warps in (1, 2, 4, 8, 16):
+            quotas = partial(fused_levelled_quotas, slots_per_device=slots, num_devices=NUM_DEVICES,
+                             num_movable=num_movable, iterations=SPLIT_ITERATIONS, num_warps=warps)
+            fn = jax.jit(lambda c, s, n, q=quotas: sum(q(layer[:, None], s, n[:, None]).sum() for layer in c))
+            args = (counts, expert_slots, replica_count)
+            seconds = time_fn(lambda fn=fn, a=args: fn(*a), repeats=20, min_seconds=0.3, pipelined=10)
+            point = {"budget": budget, "num_warps": warps, "default": warps == default,
+                     "us_per_layer": seconds / unrolled_layers * 1e6}
+            out["points"].append(point)
+            print(json.dumps(point), flush=True)
+    return out
+
+
+def time_quotas(layers: int, unrolled_layers: int) -> dict:
+    import jax
+    import numpy as np
+
+    from moeless_jax.bench import time_fn
+
+    rng = np.random.default_rng(0)
+    counts = sample_counts(rng, layers)
     out = {"layers_per_scan": layers, "layers_unrolled": unrolled_layers, "experts": NUM_EXPERTS,
            "devices": NUM_DEVICES, "points": [], "unrolled_points": []}
     for budget in BUDGETS:
-        slots = int(round(budget * NUM_EXPERTS / NUM_DEVICES))
-        table = ReplicaTable.random(
-            rng, num_experts=NUM_EXPERTS, num_devices=NUM_DEVICES, slots_per_device=slots
-        )
-        expert_slots, replica_count = jnp.asarray(table.expert_slots), jnp.asarray(table.replica_count)
+        slots, expert_slots, replica_count = random_table(rng, budget)
         out.setdefault("fused_vs_xla", []).append(
             compare_fused(counts[:16], expert_slots, replica_count, slots_per_device=slots)
             | {"budget": budget}
@@ -149,15 +194,18 @@ def quota_part(args) -> None:
     from moeless_jax.provenance import write_json
 
     platform = jax.default_backend()
-    result = time_quotas(args.layers, args.unrolled_layers)
+    if args.part == "warps":
+        result, name = time_warps(args.unrolled_layers), f"quota_warps_{platform}.json"
+    else:
+        result, name = time_quotas(args.layers, args.unrolled_layers), f"quota_{platform}.json"
     result["device"] = jax.devices()[0].device_kind
-    path = write_json(Path(args.out_dir) / f"quota_{platform}.json", result, method="measured")
+    path = write_json(Path(args.out_dir) / name, result, method="measured")
     print(f"wrote {path}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.part == "quota":
+    if args.part in ("quota", "warps"):
         quota_part(args)
     else:
         from split_eval import eval_part, iterations_part, merge_part  # the trace evaluation, beside this

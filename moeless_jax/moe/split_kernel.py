@@ -36,8 +36,8 @@ def fits_one_program(num_experts: int, r_max: int, num_devices: int, num_movable
 
 def default_num_warps(num_experts: int, r_max: int, num_devices: int, num_movable: int) -> int:
     """Warps for the kernel: few for small rounds (less cross-warp reduction), more once the rounds' ``[rows,
-    R, max(R, D)]`` tensors grow (fewer registers per thread). Picked from H200 timings of the 64-expert,
-    8-device tables at 1.125x-2x slots (``results/split/quota_gpu.json``)."""
+    R, max(R, D)]`` tensors grow (fewer registers per thread). Chosen from an H200 sweep of 1-16 warps over
+    64-expert, 8-device tables at 1.125x-2x slots; ``scripts/bench_split.py --part warps`` repeats it."""
     e, r, d, m = (_pow2(n) for n in (num_experts, r_max, num_devices, num_movable))
     return 2 if round_rows(e, m) * r * max(r, d) <= 512 else 8
 
