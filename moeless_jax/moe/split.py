@@ -134,11 +134,9 @@ def balanced_quotas(
     args = (expert_totals.astype(jnp.int32)[:, None], expert_slots.astype(jnp.int32),
             replica_count.astype(jnp.int32)[:, None])
     xla = partial(levelled_quotas, **kw)
-    if not fused:
-        return xla(*args)
     from moeless_jax.moe.split_kernel import fits_one_program, fused_levelled_quotas
 
-    if not fits_one_program(num_experts, r_max, num_devices, num_movable):
+    if not (fused and fits_one_program(num_experts, r_max, num_devices, num_movable)):
         return xla(*args)
     return jax.lax.platform_dependent(*args, cuda=partial(fused_levelled_quotas, **kw), default=xla)
 

@@ -62,10 +62,7 @@ def save_predictor(predictor: LoadPredictor, directory: str | Path, *, overwrite
 
 def load_predictor(directory: str | Path) -> LoadPredictor:
     """Restore a predictor written by :func:`save_predictor`; any defect raises :class:`InputError`."""
-    path = Path(directory).expanduser().resolve()
-    if not path.is_dir():
-        raise InputError(f"{path}: no predictor checkpoint here (not a directory); {_REFIT}")
-    metadata = _restore(path, "metadata", ocp.args.JsonRestore())
+    path, metadata = _open(directory)
     predictor = _build(path, metadata)
     expected = predictor.state_spec()
     stored = _restore(path, "state", ocp.args.StandardRestore())
@@ -78,11 +75,16 @@ def load_predictor(directory: str | Path) -> LoadPredictor:
 
 def read_note(directory: str | Path) -> dict:
     """The ``note`` a checkpoint was saved with (``{}`` if none)."""
+    _, metadata = _open(directory)
+    return dict(metadata.get("note") or {}) if isinstance(metadata, dict) else {}
+
+
+def _open(directory: str | Path) -> tuple[Path, object]:
+    """(resolved checkpoint path, its stored metadata); a missing directory raises :class:`InputError`."""
     path = Path(directory).expanduser().resolve()
     if not path.is_dir():
         raise InputError(f"{path}: no predictor checkpoint here (not a directory); {_REFIT}")
-    metadata = _restore(path, "metadata", ocp.args.JsonRestore())
-    return dict(metadata.get("note") or {}) if isinstance(metadata, dict) else {}
+    return path, _restore(path, "metadata", ocp.args.JsonRestore())
 
 
 def _restore(path: Path, item: str, args):
