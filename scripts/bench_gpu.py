@@ -44,6 +44,7 @@ PEAK_TFLOPS = 790.0  # bf16 dense matmul ceiling of one H200 (8192^3, random dat
 # Kernel and copy timings enqueue this many calls per sample and wait once (device time per call, the host's
 # dispatch overlapped, as in a serving loop); see moeless_jax.bench.time_fn.
 PIPELINED = 10
+KERNELS = ("ragged", "capacity", "tokamax")
 PARTS = ("kernels", "bandwidth", "layer", "swap", "predictor", "summarize", "calibrate")
 
 
@@ -56,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--kernels",
         nargs="*",
-        default=["ragged", "capacity", "tokamax"],
+        default=list(KERNELS),
         help="kernels to time; points of other kernels already in part_kernels.json are kept",
     )
     return p.parse_args(argv)
@@ -144,7 +145,8 @@ def kernels_part(args, out_dir: Path) -> None:
 
     from moeless_jax.bench import time_fn
     from moeless_jax.moe import grouped_swiglu, init_mlp_weights
-    from moeless_jax.moe.capacity import slot_buffer_rows
+    from moeless_jax.moe.capacity import pick_capacity, slot_capacities
+    from moeless_jax.moe.config import SLOT_CAPACITY_RATIO
 
     fns = kernel_fns(load_tokamax() if "tokamax" in args.kernels else None)
     fns = {k: v for k, v in fns.items() if k in args.kernels}
@@ -161,26 +163,29 @@ def kernels_part(args, out_dir: Path) -> None:
                 per_slot = slot_rows(total, num_slots, regime)
                 slot = jnp.asarray(np.repeat(np.arange(num_slots), per_slot), jnp.int32)
                 rows = jax.random.normal(jax.random.key(tokens), (total, d_model), jnp.bfloat16)
-                # Balanced: the planner knows the expected slot load; the buffer is 10% above it. Skewed: the
-                # buffer must hold the biggest slot (where a dropless retry ends up); padding is wasted.
-                expected = total / num_slots if regime == "balanced" else per_slot.max()
-                cap = (
-                    slot_buffer_rows(
-                        expected, 1.1 if regime == "balanced" else 1.0, multiple=8 if total < 512 else 64
-                    ),
-                    max(8, total // 4),
-                )
+                # The layer's compiled slot capacities: from a balanced slot's rows up to 10% above them
+                # (the config's defaults), or, skewed, up to the fullest slot (where a dropless retry ends
+                # up). The kernel picks the smallest that holds the fullest slot in the step.
+                balanced_rows = total / num_slots
+                largest = 1.1 if regime == "balanced" else max(1.0, per_slot.max() / balanced_rows)
+                multiple = 8 if total < 512 else 64
+                ladder = slot_capacities(balanced_rows, largest, SLOT_CAPACITY_RATIO, multiple)
+                cap = (ladder, max(8, total // 4))
+                variants = dict(fns)
+                if regime == "balanced" and "capacity" in fns:  # what one 10%-padded buffer gives instead
+                    variants["capacity_one_buffer"] = fns["capacity"]
                 reference = None
-                for kernel, fn in fns.items():
+                for kernel, fn in variants.items():
+                    call_cap = (ladder[-1:], cap[1]) if kernel == "capacity_one_buffer" else cap
                     try:
-                        y = fn(rows, slot, w, cap)
+                        y = fn(rows, slot, w, call_cap)
                         if reference is None:
                             reference = grouped_swiglu(rows, slot, w)
                         err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - reference.astype(jnp.float32))))
                         scale = float(jnp.max(jnp.abs(reference.astype(jnp.float32))))
                         if not err <= 0.02 * scale:  # bf16 rounding only; an incomplete output is a bug
                             raise AssertionError(f"{kernel} differs from ragged by {err} (scale {scale})")
-                        call = (fn, rows, slot, w, cap)
+                        call = (fn, rows, slot, w, call_cap)
                         run = lambda c=call: c[0](*c[1:])  # noqa: E731
                         seconds = time_fn(run, repeats=5, min_seconds=0.05, pipelined=PIPELINED)
                         synchronised = time_fn(run, repeats=5, min_seconds=0.05)
@@ -203,7 +208,8 @@ def kernels_part(args, out_dir: Path) -> None:
                         "weight_gbps": weight_bytes / seconds / 1e9,
                         "max_abs_err_vs_ragged": err,
                         "max_slot_rows": int(per_slot.max()),
-                        "slot_buffer_rows": cap[0],
+                        "slot_buffer_rows": pick_capacity(call_cap[0], int(per_slot.max())),
+                        "slot_capacities": list(call_cap[0]),
                         "pipelined_calls": PIPELINED,
                     }
                     same = ("shape", "tokens", "regime", "kernel")
@@ -449,9 +455,9 @@ def summarize_part(args, out_dir: Path) -> None:
         "copy_tbps_read_plus_write": copy_tbps,
     }
     for tokens in (8192, 65536):
-        for kernel in ("capacity", "ragged", "tokamax"):
+        for kernel in ("capacity", "capacity_one_buffer", "ragged", "tokamax"):
             p = point("mixtral", tokens, kernel)
-            key = {"capacity": "gmm", "ragged": "ragged", "tokamax": "tokamax"}[kernel]
+            key = {"capacity": "gmm", "capacity_one_buffer": "gmm_one_buffer"}.get(kernel, kernel)
             summary[f"{key}_pct_peak_mixtral_{tokens}"] = p and p["pct_peak"]
             summary[f"{key}_pct_peak_mixtral_{tokens}_synchronised"] = p and p.get("pct_peak_synchronised")
     for kernel in ("capacity", "ragged", "tokamax"):
@@ -502,7 +508,8 @@ def calibrate_part(args, out_dir: Path, parts: dict[str, dict] | None = None) ->
     from moeless_jax.sim.calibration import fit_calibration
 
     parts = read_parts(out_dir) if parts is None else parts
-    kernels = parts.get("kernels", {}).get("points", [])
+    # The layer's kernels only: ``capacity_one_buffer`` points show what the in-step capacities buy.
+    kernels = [p for p in parts.get("kernels", {}).get("points", []) if p["kernel"] in KERNELS]
     preds = {p["tokens"]: p["ms_per_layer"] for p in parts.get("predictor", {}).get("points", [])}
     copy_tbps = parts.get("bandwidth", {}).get("copy_tbps_read_plus_write")
     calibration = fit_calibration(kernels, shapes=SHAPES, copy_tbps=copy_tbps, predictor_points=preds)
@@ -528,9 +535,12 @@ def plot_kernels(points: list[dict], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.6), squeeze=False)
     for ax, shape in zip(axes[0], shapes, strict=True):
-        for kernel in ("capacity", "tokamax", "ragged"):
+        for kernel in ("capacity", "capacity_one_buffer", "tokamax", "ragged"):
             for regime, style in (("balanced", "-"), ("skewed", ":")):
-                pts = [p for p in points if (p["shape"], p["kernel"], p["regime"]) == (shape, kernel, regime)]
+                pts = sorted(
+                    (p for p in points if (p["shape"], p["kernel"], p["regime"]) == (shape, kernel, regime)),
+                    key=lambda p: p["tokens"],
+                )
                 if pts:
                     ax.plot(
                         [p["tokens"] for p in pts],

@@ -129,7 +129,8 @@ def main(argv=None) -> int:
         make_ep_mesh,
         moe_forward,
     )
-    from moeless_jax.moe.split import host_tokens_per_device
+    from moeless_jax.moe.capacity import pick_capacity
+    from moeless_jax.moe.split import host_slot_tokens
     from moeless_jax.provenance import compute_device_name, write_json
     from moeless_jax.sim import LatencyModel
 
@@ -194,11 +195,14 @@ def main(argv=None) -> int:
             call = partial(forward, layer.params, layer.table.get_value(), x, ids)
             _, used = call_dropless(call, ladder)
             ms = time_ms(partial(call, used), args.repeats)
-            rows = host_tokens_per_device(
+            slot_rows = host_slot_tokens(
                 table.slot_to_expert, counts, num_devices=num_devices, split=args.split
-            )
-            kernel = "ragged" if used.slot_rows is None else "capacity"
-            _, modelled = modelled_ms(model, args.shape, kernel, int(rows.max()), used.slot_rows,
+            ).reshape(num_devices, -1)
+            rows = slot_rows.sum(-1)
+            kernel, capacity = "ragged", None
+            if used.slot_rows is not None:  # the capacity the fullest slot's device picks in the step
+                kernel, capacity = "capacity", pick_capacity(used.slot_rows, int(slot_rows.max()))
+            _, modelled = modelled_ms(model, args.shape, kernel, int(rows.max()), capacity,
                                       config.slots_per_device, used.dispatch_rows)
             entry = results[policy]
             entry["layer_ms"].append(ms)

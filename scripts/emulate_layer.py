@@ -13,7 +13,8 @@ serving-sized batches). A sample of (batch, layer) pairs is served on ``--device
 
 each with the ``even`` and the ``balanced`` split (same quota code as the layer). For each, every device's
 share of the expert computation is run and timed on the local GPU (:mod:`moeless_jax.sim.emulate`), for the
-``capacity`` kernel (one capacity per call, from a geometric ladder) and the ``ragged`` kernel; the layer's
+``capacity`` kernel (each device the smallest of its compiled slot capacities that holds its fullest slot,
+as the kernel picks it in the step) and the ``ragged`` kernel; the layer's
 latency = slowest device's measured compute + modelled dispatch and combine all-to-alls (the calibration's
 NVLink constants). The calibrated latency model's prediction for the same rows is reported beside it.
 
@@ -126,9 +127,11 @@ def main(argv=None) -> int:
         raise SystemExit("--data-dir is required to emulate: the folder with moe-beyond/ and azure-llm-2023/")
     from tqdm import tqdm
 
+    from moeless_jax.moe.capacity import slot_capacities
+    from moeless_jax.moe.config import SLOT_CAPACITY_RATIO
     from moeless_jax.provenance import compute_device_name, write_json
     from moeless_jax.sim import LatencyModel
-    from moeless_jax.sim.emulate import DeviceEmulator, ExpertShape, capacity_ladder, emulate_layer
+    from moeless_jax.sim.emulate import DeviceEmulator, ExpertShape, emulate_layer
 
     model = LatencyModel.from_file(args.calibration)
     _, batches, loads, forecast = batches_and_forecasts(args)
@@ -151,7 +154,8 @@ def main(argv=None) -> int:
     for (policy, split, i), tokens in tqdm(sorted(work.items(), key=lambda kv: kv[0][2]), desc="emulate"):
         b, layer = pairs[i]
         balanced_rows = loads[b, layer].sum() / layout.num_slots
-        ladder = capacity_ladder(balanced_rows, int(tokens.max()))
+        ladder = slot_capacities(balanced_rows, max(1.0, tokens.max() / balanced_rows),
+                                 SLOT_CAPACITY_RATIO)
         rows = tokens.reshape(args.devices, -1).sum(-1)
         for kernel in KERNELS:
             call = emulate_layer(emulator, tokens, kernel=kernel, all_to_all_ms=model.all_to_all_ms,
@@ -241,6 +245,8 @@ def latency_stats(name: str, layer_ms) -> dict[str, float]:
 
 
 def summarise(results: dict, args, layout, loads, pairs) -> dict:
+    from moeless_jax.moe.config import SLOT_CAPACITY_RATIO
+
     summary: dict = {
         "setup": {
             "trace": "MoE-Beyond DeepSeek-V2-Lite-Chat routing (64 experts, top-6), 30% held-out prompts",
@@ -251,7 +257,8 @@ def summarise(results: dict, args, layout, loads, pairs) -> dict:
             "slots_per_device": layout.slots_per_device,
             "expert_shape": dict(zip(("d_model", "d_ff"), SHAPES[args.shape], strict=True)),
             "dtype": "bfloat16",
-            "capacity_ladder": "ratio 1.125 from the balanced rows per slot, multiples of 64",
+            "capacity_ladder": f"ratio {SLOT_CAPACITY_RATIO} from the balanced rows per slot up to the "
+                               "fullest slot, multiples of 64; each device picks its own",
             "calibration": str(args.calibration),
         },
     }

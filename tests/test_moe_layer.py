@@ -251,6 +251,116 @@ def test_capacity_kernel_matches_ragged_kernel_with_and_without_spill():
     assert int(lost) == n_spill - 10 > 0
 
 
+@given(
+    shares=st.lists(st.integers(0, 40), min_size=5, max_size=5),
+    capacities=st.lists(st.integers(1, 48), min_size=1, max_size=4, unique=True),
+    overflow_rows=st.integers(1, 64),
+)
+def test_capacity_buckets_compute_every_row_that_fits_and_count_the_rest(shares, capacities, overflow_rows):
+    from moeless_jax.moe import capacity_swiglu, grouped_swiglu
+
+    capacities = tuple(sorted(capacities))
+    slot = np.random.default_rng(sum(shares)).permutation(np.repeat(np.arange(5), shares))  # 4 = padding
+    if slot.size == 0:
+        return
+    slot, w = jnp.asarray(slot, jnp.int32), CAPACITY_WEIGHTS
+    rows = jax.random.normal(jax.random.key(slot.size), (slot.size, 8))
+    call = jax.jit(partial(capacity_swiglu, capacity=capacities, overflow_rows=overflow_rows))
+    y, lost = call(rows, slot, w)
+    spilled = sum(max(0, n - capacities[-1]) for n in shares[:4])
+    assert int(lost) == max(0, spilled - overflow_rows)
+    if int(lost) == 0:  # whatever capacity was picked, every row is exact
+        np.testing.assert_allclose(y, grouped_swiglu(rows, slot, w), rtol=1e-5, atol=1e-5)
+
+
+CAPACITY_WEIGHTS = init_mlp_weights(jax.random.key(0), (4,), 8, 16, jnp.float32)
+
+
+def test_capacity_buckets_at_their_edges():
+    """The fullest slot exactly at a capacity, one row past it, and past the largest."""
+    from moeless_jax.moe import capacity_swiglu, grouped_swiglu
+
+    capacities = (4, 8, 12)
+    for fullest in (1, 4, 5, 8, 9, 12, 13, 20):
+        slot = jnp.asarray(np.concatenate([np.zeros(fullest), [1, 1, 2, 4, 4]]), jnp.int32)
+        rows = jax.random.normal(jax.random.key(fullest), (slot.size, 8))
+        y, lost = capacity_swiglu(rows, slot, CAPACITY_WEIGHTS, capacity=capacities, overflow_rows=8)
+        assert int(lost) == 0
+        np.testing.assert_allclose(y, grouped_swiglu(rows, slot, CAPACITY_WEIGHTS), rtol=1e-5, atol=1e-5)
+
+
+def test_slot_capacities_and_their_checks():
+    from moeless_jax.moe.capacity import checked_capacities, pick_capacity, slot_capacities
+
+    assert slot_capacities(8192, 1.1, 1.05) == (8192, 8640, 9024)
+    assert slot_capacities(8192, 1.1, None) == (9024,)
+    assert slot_capacities(8192, 1.0, 1.05) == (8192,)
+    assert slot_capacities(10, 1.1, 1.05) == (64,)  # small loads: one rounded buffer, no switch
+    assert slot_capacities(100, 2.0, 1.5, multiple=8) == (104, 152, 200)
+    assert pick_capacity((8192, 8640, 9024), 8193) == 8640
+    assert pick_capacity((8192, 8640, 9024), 10_000) == 9024
+    with pytest.raises(ValueError, match="ratio must be > 1"):
+        slot_capacities(8192, 1.1, 1.0)
+    for bad in ((), (0, 8), (8, 8), (16, 8), (True,), (8.0,)):
+        with pytest.raises(ValueError, match="slot capacities"):
+            checked_capacities(bad)
+    assert Buffers(4, 64).slot_rows == (64,)
+    with pytest.raises(ValueError, match="ascending"):
+        Buffers(4, (64, 32))
+    from moeless_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="slot_capacity_ratio"):
+        MoEConfig(**{**CONFIGS["mixtral"].__dict__, "slot_capacity_ratio": 1.0})
+
+
+def test_ladder_keeps_the_small_capacities_when_it_grows():
+    config = MoEConfig(**{**CONFIGS["deepseek_capacity"].__dict__, "slot_capacity_factor": 1.1})
+    ladder = buffer_ladder(config, 8192)
+    assert len(ladder[0].slot_rows) > 1
+    assert ladder[1].slot_rows[:-1] == ladder[0].slot_rows
+    assert ladder[1].slot_rows[-1] == 2 * ladder[0].slot_rows[-1]
+
+
+SEVERAL_CAPACITIES = Buffers(dispatch_rows=32, slot_rows=(12, 16, 24, 64), overflow_rows=32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_layer_with_several_slot_capacities_matches_the_reference(seed):
+    """Each device picks its own capacity in the step (a switch on device-local data inside shard_map)."""
+    from moeless_jax.moe.capacity import pick_capacity
+
+    model = MODELS["deepseek_capacity"]
+    x = tokens(seed, model.config).at[: TOKENS // 4].set(1.0)  # a hot expert set: uneven slots
+    out = model.run(model.random_table(seed), x, SEVERAL_CAPACITIES)
+    assert int(out.overflow) == 0
+    expected = model.reference(model.router, model.experts, model.shared, x)
+    np.testing.assert_allclose(out.y, expected, rtol=2e-5, atol=2e-5)
+    fullest = np.asarray(out.slot_counts).reshape(model.config.num_devices, -1).max(axis=1)
+    picked = {pick_capacity(SEVERAL_CAPACITIES.slot_rows, int(f)) for f in fullest}
+    assert len(picked) >= 2, f"devices should pick different capacities here, got {picked}"
+
+
+def test_gradients_through_several_slot_capacities():
+    model = MODELS["deepseek_capacity"]
+    c = model.config
+    table, x = model.random_table(7), tokens(3, c)
+    cotangent = jax.random.normal(jax.random.key(5), x.shape)
+
+    def layer_loss(experts, x):
+        params = MoEParams(model.router, materialize_slot_weights(experts, table), model.shared)
+        out = moe_forward(params, table.arrays(), x, config=c, mesh=model.mesh, buffers=SEVERAL_CAPACITIES)
+        return jnp.sum(out.y * cotangent)
+
+    def reference_loss(experts, x):
+        return jnp.sum(dense_moe_reference(model.router, experts, model.shared, x, config=c) * cotangent)
+
+    with jax.set_mesh(model.mesh):
+        got = jax.jit(jax.grad(layer_loss, argnums=(0, 1)))(model.experts, x)
+    want = jax.jit(jax.grad(reference_loss, argnums=(0, 1)))(model.experts, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
 def test_shape_errors_name_the_problem():
     model = MODELS["mixtral"]
     c = model.config

@@ -5,6 +5,10 @@ Two buffers bound what a call can compute:
 * the dispatch buffer (rows per device pair for ``dense``, per receiving device for ``ragged``);
 * with the ``capacity`` expert kernel, the per-slot buffer plus a ragged overflow buffer.
 
+The per-slot buffer comes in a few compiled capacities (:func:`slot_capacities`): each call picks, on each
+device, the smallest that holds its fullest slot, so a balanced slot computes (almost) no padding rows while
+a fuller one still fits without a retry.
+
 Everything past a buffer is counted in ``MoEOutput.overflow`` and never silently dropped. The last rung of
 :func:`buffer_ladder` is the worst case (worst-case dispatch, ``ragged`` expert kernel), which cannot
 overflow, so :func:`call_dropless` always ends with a complete output.
@@ -25,13 +29,35 @@ class Buffers:
     """Static rows of a call's buffers (hashable: pass it as a static argument).
 
     dispatch_rows: rows per device pair (``dense``) or per receiving device (``ragged``).
-    slot_rows: rows per slot of the ``capacity`` expert kernel; ``None`` runs the ``ragged`` kernel.
+    slot_rows: the ``capacity`` expert kernel's compiled rows per slot, ascending (an int is one
+      capacity); each device computes with the smallest that holds its fullest slot and spills past the
+      largest. ``None`` runs the ``ragged`` kernel.
     overflow_rows: rows of the ragged overflow path of the ``capacity`` kernel.
     """
 
     dispatch_rows: int
-    slot_rows: int | None = None
+    slot_rows: tuple[int, ...] | None = None
     overflow_rows: int = 0
+
+    def __post_init__(self) -> None:
+        if self.slot_rows is not None:
+            object.__setattr__(self, "slot_rows", checked_capacities(self.slot_rows))
+
+
+def checked_capacities(capacity: int | Sequence[int]) -> tuple[int, ...]:
+    """``capacity`` as a tuple of positive ints, strictly ascending; a clear error otherwise."""
+    rungs = (capacity,) if isinstance(capacity, int) else tuple(capacity)
+    if not rungs or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in rungs):
+        raise ValueError(f"slot capacities must be positive ints, got {capacity!r}")
+    if any(b <= a for a, b in zip(rungs, rungs[1:], strict=False)):
+        raise ValueError(f"slot capacities must be strictly ascending, got {capacity!r}; sort and dedupe")
+    return rungs
+
+
+def pick_capacity(capacities: Sequence[int], fullest_rows: int) -> int:
+    """Host-side twin of the kernel's in-step choice: the smallest capacity holding ``fullest_rows`` rows,
+    else the largest (past which rows spill)."""
+    return next((c for c in capacities if c >= fullest_rows), capacities[-1])
 
 
 def dispatch_capacity(
@@ -63,6 +89,27 @@ def dispatch_capacity(
 def slot_buffer_rows(rows_per_slot: float, factor: float, multiple: int = 64) -> int:
     """Per-slot buffer rows: ``factor`` x the expected rows of a slot, rounded up to ``multiple``."""
     return int(max(multiple, multiple * math.ceil(factor * rows_per_slot / multiple)))
+
+
+def slot_capacities(
+    rows_per_slot: float, factor: float, ratio: float | None, multiple: int = 64
+) -> tuple[int, ...]:
+    """Compiled per-slot capacities: ``rows_per_slot * ratio**i`` for ``i = 0, 1, ...`` below ``factor``,
+    then ``factor`` itself, each rounded up to ``multiple`` (duplicates removed). ``ratio=None``: the
+    ``factor`` capacity alone.
+
+    Nothing below a balanced slot (``i < 0``) is compiled: the device that sets the layer's latency holds at
+    least the mean rows, so its fullest slot holds at least ``rows_per_slot``; smaller buffers would only
+    speed up devices that wait anyway.
+    """
+    if ratio is not None and ratio <= 1:
+        raise ValueError(f"ratio must be > 1 (or None for one capacity), got {ratio}")
+    rungs = {slot_buffer_rows(rows_per_slot, factor, multiple)}
+    scale = 1.0
+    while ratio is not None and scale < factor:
+        rungs.add(slot_buffer_rows(rows_per_slot, scale, multiple))
+        scale *= ratio
+    return tuple(sorted(rungs))
 
 
 def resolve_expert_kernel(config: MoEConfig, backend: str | None = None) -> str:
@@ -97,7 +144,9 @@ def default_buffers(config: MoEConfig, tokens_per_device: int, backend: str | No
     rows_per_device = tokens_per_device * config.top_k  # balanced load of one device
     return Buffers(
         dispatch_rows,
-        slot_buffer_rows(rows_per_device / config.slots_per_device, config.slot_capacity_factor),
+        slot_capacities(
+            rows_per_device / config.slots_per_device, config.slot_capacity_factor, config.slot_capacity_ratio
+        ),
         max(8, math.ceil(config.overflow_fraction * rows_per_device)),
     )
 
@@ -119,8 +168,8 @@ def worst_case_buffers(config: MoEConfig, tokens_per_device: int) -> Buffers:
 def buffer_ladder(
     config: MoEConfig, tokens_per_device: int, grow: Sequence[float] = (2.0,), backend: str | None = None
 ) -> list[Buffers]:
-    """Rungs of growing buffers for :func:`call_dropless`: the config's, each grown by ``grow``, then the
-    worst case."""
+    """Rungs of growing buffers for :func:`call_dropless`: the config's, each grown by ``grow`` (the slot
+    buffer gains a larger capacity and keeps its smaller ones), then the worst case."""
     first = default_buffers(config, tokens_per_device, backend)
     worst = worst_case_buffers(config, tokens_per_device)
     rungs = [first]
@@ -128,7 +177,7 @@ def buffer_ladder(
         rungs.append(
             Buffers(
                 min(worst.dispatch_rows, math.ceil(first.dispatch_rows * g)),
-                None if first.slot_rows is None else math.ceil(first.slot_rows * g),
+                None if first.slot_rows is None else (*first.slot_rows, math.ceil(first.slot_rows[-1] * g)),
                 math.ceil(first.overflow_rows * g),
             )
         )

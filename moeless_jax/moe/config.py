@@ -13,6 +13,8 @@ Split = Literal["even", "balanced"]
 SPLITS: tuple[str, ...] = get_args(Split)
 # Rounds of the balanced split; see results/split/iterations.json for what fewer or more rounds give.
 SPLIT_ITERATIONS = 8
+# Ratio between consecutive compiled per-slot buffers of the capacity kernel: at most ~5 % padding rows.
+SLOT_CAPACITY_RATIO = 1.05
 ExpertKernel = Literal["ragged", "capacity", "auto"]
 EXPERT_KERNELS: tuple[str, ...] = get_args(ExpertKernel)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -48,7 +50,11 @@ class MoEConfig:
         batched matmuls over per-slot buffers, with a ragged overflow path; fast when slots are balanced) or
         ``auto``: ``capacity`` on an accelerator backend, ``ragged`` on CPU (see
         :func:`moeless_jax.moe.capacity.resolve_expert_kernel`).
-      slot_capacity_factor: ``capacity`` kernel: per-slot buffer rows relative to a balanced slot's rows.
+      slot_capacity_factor: ``capacity`` kernel: the largest per-slot buffer, in rows relative to a
+        balanced slot's rows.
+      slot_capacity_ratio: ``capacity`` kernel: ratio between consecutive compiled per-slot buffers, from a
+        balanced slot's rows up to ``slot_capacity_factor``; each device computes with the smallest that holds
+        its fullest slot (see :func:`moeless_jax.moe.capacity.slot_capacities`). ``None``: one buffer.
       overflow_fraction: ``capacity`` kernel: ragged overflow rows as a fraction of a device's balanced rows.
       dtype: parameter and activation dtype.
     """
@@ -69,6 +75,7 @@ class MoEConfig:
     split_iterations: int = SPLIT_ITERATIONS
     expert_kernel: ExpertKernel = "ragged"
     slot_capacity_factor: float = 1.1
+    slot_capacity_ratio: float | None = SLOT_CAPACITY_RATIO
     overflow_fraction: float = 0.25
     dtype: str = "float32"
 
@@ -119,6 +126,11 @@ class MoEConfig:
             self.slot_capacity_factor > 0,
             "slot_capacity_factor",
             f"must be positive, got {self.slot_capacity_factor}",
+        )
+        require(
+            self.slot_capacity_ratio is None or self.slot_capacity_ratio > 1,
+            "slot_capacity_ratio",
+            f"must be > 1 (or null for one buffer size), got {self.slot_capacity_ratio}",
         )
         require(
             self.overflow_fraction > 0, "overflow_fraction", f"must be positive, got {self.overflow_fraction}"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from moeless_jax.moe.capacity import checked_capacities
 from moeless_jax.moe.split import rank_within_group
 
 
@@ -58,24 +60,48 @@ def grouped_swiglu(rows: jax.Array, slot: jax.Array, w: MLPWeights) -> jax.Array
 
 
 def capacity_swiglu(
-    rows: jax.Array, slot: jax.Array, w: MLPWeights, *, capacity: int, overflow_rows: int
+    rows: jax.Array, slot: jax.Array, w: MLPWeights, *, capacity: int | Sequence[int], overflow_rows: int
 ) -> tuple[jax.Array, jax.Array]:
     """Grouped SwiGLU as dense batched matmuls over per-slot buffers, with a ragged overflow path.
 
     rows: [R, M]; slot: [R] local slot in ``0..S-1`` (``S`` = padding); w: weights with leading axis S.
-    Each slot's first ``capacity`` rows go to a ``[S, capacity, M]`` buffer and through three batched
-    einsums (near matmul peak when slots are balanced, which is what replication buys). Rows past a
-    slot's capacity go, grouped by slot, through ``ragged_dot`` on a ``[overflow_rows, M]`` buffer. Rows
-    past that are not computed and are counted: the caller retries with larger buffers.
+    capacity: compiled rows per slot buffer, ascending (an int is one). The call computes with the smallest
+    that holds its fullest slot, chosen on the device from the rows that arrived (one ``lax.switch``):
+    each slot's rows go to a ``[S, C, M]`` buffer and through three batched einsums, near matmul peak when
+    slots are balanced, which is what replication buys. When no capacity holds the fullest slot, the largest
+    is used and the rows past it go, grouped by slot, through ``ragged_dot`` on a ``[overflow_rows, M]``
+    buffer; rows past that are not computed and are counted: the caller retries with larger buffers.
     Returns (y [R, M] with padding rows zero, uncomputed row count []).
     """
+    capacities = checked_capacities(capacity)
     num_slots = w.gate.shape[0]
     real = slot < num_slots
     position, _ = rank_within_group(slot, num_slots + 1)
-    fits = real & (position < capacity)
+    fits = real & (position < capacities[-1])
+    spill = real & ~fits
+    spill_sizes = _overflow_group_sizes(slot, spill, num_slots, overflow_rows)
+
+    def buffered(capacity: int):
+        return lambda rows: _slot_buffer_swiglu(rows, slot, position, fits, w, capacity)
+
+    def buffered_and_overflow(rows):
+        y = buffered(capacities[-1])(rows)
+        return y + _overflow_swiglu(rows, slot, spill, spill_sizes, w, overflow_rows)
+
+    # Branch i < n: capacity i holds the fullest slot; branch n: rows spill past the largest. Balanced slots
+    # rarely spill, so the ragged kernels run only when some did.
+    fullest = jnp.max(jnp.where(real, position + 1, 0))
+    branch = jnp.sum(jnp.asarray(capacities) < fullest).astype(jnp.int32)
+    y = jax.lax.switch(branch, [*map(buffered, capacities), buffered_and_overflow], rows)
+    uncomputed = jnp.sum(spill) - jnp.sum(spill_sizes)
+    return y, uncomputed.astype(jnp.int32)
+
+
+def _slot_buffer_swiglu(rows, slot, position, fits, w: MLPWeights, capacity: int) -> jax.Array:
+    """Rows with ``fits`` through their slot's SwiGLU in a ``[S, capacity, M]`` buffer; others get 0."""
+    num_rows, num_slots = rows.shape[0], w.gate.shape[0]
     # Fill the buffer by a gather (each buffer row names its source row; empty ones name a zero row) rather
     # than a scatter of whole rows: only the int32 index is scattered.
-    num_rows = rows.shape[0]
     source = jnp.full(num_slots * capacity, num_rows, jnp.int32)
     source = source.at[jnp.where(fits, slot * capacity + position, num_slots * capacity)].set(
         jnp.arange(num_rows, dtype=jnp.int32), mode="drop"
@@ -84,22 +110,22 @@ def capacity_swiglu(
     buffer = padded[source].reshape(num_slots, capacity, rows.shape[-1])
     h = jax.nn.silu(jnp.einsum("scm,smf->scf", buffer, w.gate)) * jnp.einsum("scm,smf->scf", buffer, w.up)
     y_buffer = jnp.einsum("scf,sfm->scm", h, w.down)
-    y = jnp.where(fits[:, None], y_buffer.at[slot, jnp.minimum(position, capacity - 1)].get(mode="clip"), 0)
+    got = y_buffer.at[slot, jnp.minimum(position, capacity - 1)].get(mode="clip")
+    return jnp.where(fits[:, None], got, 0)
 
-    spill = real & ~fits
-    spill_slot = jnp.where(spill, slot, num_slots)
-    sizes = jnp.zeros(num_slots, jnp.int32).at[spill_slot].add(1, mode="drop")
+
+def _overflow_group_sizes(slot, spill, num_slots: int, overflow_rows: int) -> jax.Array:
+    """[S] spilled rows of each slot that the overflow buffer takes, slot order, ``overflow_rows`` in all."""
+    sizes = jnp.zeros(num_slots, jnp.int32).at[jnp.where(spill, slot, num_slots)].add(1, mode="drop")
     taken = jnp.minimum(jnp.cumsum(sizes), overflow_rows)
-    sizes = taken - jnp.concatenate([jnp.zeros(1, jnp.int32), taken[:-1]])
+    return taken - jnp.concatenate([jnp.zeros(1, jnp.int32), taken[:-1]])
 
-    def overflow_path(y):
-        order = jnp.argsort(spill_slot, stable=True)[:overflow_rows]  # spilled rows first, grouped by slot
-        xs = jnp.where(spill[order][:, None], rows[order], 0)
-        hs = jax.nn.silu(jax.lax.ragged_dot(xs, w.gate, sizes)) * jax.lax.ragged_dot(xs, w.up, sizes)
-        ys = jax.lax.ragged_dot(hs, w.down, sizes)
-        return y.at[order].add(jnp.where(spill[order][:, None], ys, 0))
 
-    # Balanced slots rarely spill; skip the ragged kernels at run time when nothing did.
-    y = jax.lax.cond(jnp.any(spill), overflow_path, lambda y: y, y)
-    uncomputed = jnp.sum(spill) - jnp.sum(sizes)
-    return y, uncomputed.astype(jnp.int32)
+def _overflow_swiglu(rows, slot, spill, sizes, w: MLPWeights, overflow_rows: int) -> jax.Array:
+    """Spilled rows (the first ``sizes[s]`` of each slot ``s``) through ``ragged_dot``; others get 0."""
+    num_slots = w.gate.shape[0]
+    order = jnp.argsort(jnp.where(spill, slot, num_slots), stable=True)[:overflow_rows]  # spilled first
+    xs = jnp.where(spill[order][:, None], rows[order], 0)
+    hs = jax.nn.silu(jax.lax.ragged_dot(xs, w.gate, sizes)) * jax.lax.ragged_dot(xs, w.up, sizes)
+    ys = jax.lax.ragged_dot(hs, w.down, sizes)
+    return jnp.zeros_like(rows).at[order].add(jnp.where(spill[order][:, None], ys, 0))

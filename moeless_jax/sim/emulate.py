@@ -10,10 +10,10 @@ time is the slowest device's *measured* compute plus the *modelled* dispatch and
 
 What a device runs is what the layer's SPMD program runs there, so it has the program's static shapes:
 
-* ``capacity`` kernel: every device computes a ``[S, C]`` slot buffer with the same capacity ``C`` (one
-  compiled program); ``C`` is the smallest rung of a geometric ladder (ratio ``ladder_ratio`` over a
-  balanced slot's rows) that holds the batch's fullest slot, so nothing spills. Skewed slots cost
-  everywhere, through ``C``: this is where balanced replicas pay off.
+* ``capacity`` kernel: each device computes a ``[S, C_d]`` slot buffer, ``C_d`` the smallest of the
+  compiled capacities (:func:`moeless_jax.moe.capacity.slot_capacities`) that holds its fullest slot, as
+  the kernel picks it in the step. A skewed device pays for its fullest slot on every one of its slots:
+  this is where balanced replicas pay off.
 * ``ragged`` kernel: the layer's grouped SwiGLU (rows sorted by slot, ``jax.lax.ragged_dot``) over the
   device's own rows in a receive buffer of ``rows_buffer`` rows (the dispatch buffer, same on every device).
 
@@ -22,7 +22,6 @@ Times are memoised per distinct input (the capacity kernel's time depends on ``C
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moeless_jax.bench import time_fn
+from moeless_jax.moe.capacity import checked_capacities, pick_capacity
 from moeless_jax.moe.experts import capacity_swiglu, grouped_swiglu, init_mlp_weights
 
 KERNELS = ("capacity", "ragged")
@@ -49,20 +49,6 @@ class ExpertShape:
     def bytes_per_row(self) -> int:
         """Bytes of one token's activation row sent by an all-to-all."""
         return self.d_model * jnp.dtype(self.dtype).itemsize
-
-
-def capacity_ladder(balanced_rows: float, largest_rows: int, *, ratio: float = 1.125, multiple: int = 64):
-    """Capacity rungs ``ceil(balanced_rows * ratio**i / multiple) * multiple`` up to ``largest_rows``."""
-    if ratio <= 1 or balanced_rows <= 0:
-        raise ValueError(f"ratio must be > 1 and balanced_rows > 0, got {ratio}, {balanced_rows}")
-    rungs, rows = [], float(balanced_rows)
-    while True:
-        rung = multiple * math.ceil(rows / multiple)
-        if not rungs or rung > rungs[-1]:
-            rungs.append(rung)
-        if rung >= largest_rows:
-            return rungs
-        rows *= ratio
 
 
 @dataclass
@@ -137,7 +123,12 @@ class EmulatedLayer:
 
     compute_ms: np.ndarray  # [D]
     all_to_all_ms: float  # dispatch + combine
-    capacity: int | None
+    capacities: np.ndarray | None  # [D] each device's slot buffer rows (capacity kernel)
+
+    @property
+    def capacity(self) -> int | None:
+        """The largest slot buffer any device computed (``None`` for the ragged kernel)."""
+        return None if self.capacities is None else int(self.capacities.max())
 
     @property
     def layer_ms(self) -> float:
@@ -156,19 +147,22 @@ def emulate_layer(
     :func:`moeless_jax.moe.split.host_slot_tokens`).
 
     all_to_all_ms: ``bytes_per_device -> ms`` (e.g. ``LatencyModel.all_to_all_ms``); ladder: the capacity
-    kernel's compiled capacities (ascending; the first that holds the fullest slot is used).
+    kernel's compiled capacities (ascending; each device uses the first that holds its fullest slot).
     """
     per_device = np.asarray(slot_tokens, np.int64).reshape(-1, emulator.slots_per_device)  # [D, S]
-    capacity = None
+    capacities = None
     if kernel == "capacity":
         if not ladder:
             raise ValueError("the capacity kernel needs a ladder of compiled capacities")
+        ladder = checked_capacities(tuple(int(r) for r in ladder))
         fullest = int(per_device.max())
-        fits = [rung for rung in ladder if rung >= fullest]
-        if not fits:
+        if ladder[-1] < fullest:
             raise ValueError(f"no capacity rung holds the fullest slot ({fullest} rows); extend the ladder")
-        capacity = fits[0]
-    compute = np.array([emulator.device_ms(rows, kernel=kernel, capacity=capacity) for rows in per_device])
+        capacities = np.array([pick_capacity(ladder, int(rows.max())) for rows in per_device])
+    compute = np.array([
+        emulator.device_ms(rows, kernel=kernel, capacity=None if capacities is None else int(capacities[d]))
+        for d, rows in enumerate(per_device)
+    ])
     rows = int(per_device.sum(-1).max())
     a2a = 2.0 * float(all_to_all_ms(rows * emulator.shape.bytes_per_row))
-    return EmulatedLayer(compute, a2a, capacity)
+    return EmulatedLayer(compute, a2a, capacities)
