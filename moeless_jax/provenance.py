@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -32,6 +33,24 @@ def _git_commit() -> str | None:
     if not commit:
         return None
     return commit + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
+
+
+SOURCE_GLOBS = ("moeless_jax/**/*.py", "scripts/*.py", "configs/**/*.yaml", "pyproject.toml")
+
+
+def source_digest(root: str | Path | None = None) -> str:
+    """First 12 hex digits of a SHA-256 over the project's source (package, scripts, configs, pyproject:
+    each file's path relative to ``root`` and its bytes, in path order).
+
+    It names the code that produced a result even where the git metadata is missing or stale (a copy of the
+    tree on another machine); recompute it on a checkout to check which commit matches.
+    """
+    root = Path(__file__).resolve().parent.parent if root is None else Path(root)
+    files = sorted({f for pattern in SOURCE_GLOBS for f in root.glob(pattern) if f.is_file()})
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def _portable_command(argv: list[str]) -> str:
@@ -90,6 +109,7 @@ def provenance(method: Method, *, device: str | None = None, note: str | None = 
         "machine": f"{platform.system()} {platform.machine()}",
         "python": platform.python_version(),
         "git_commit": _git_commit(),
+        "source_sha256": source_digest(),
     }
     try:
         import jax
