@@ -181,9 +181,10 @@ class LatencyModel:
         capacity: int | None = None,
         rows_buffer: int | None = None,
     ) -> float:
-        """:meth:`layer_ms` charging what the layer's static shapes make each device compute: with the
-        ``capacity`` kernel every device computes ``slots x capacity`` rows (one compiled capacity), with
-        ``ragged`` its receive buffer of ``rows_buffer`` rows (default: the fullest device's rows)."""
+        """:meth:`layer_ms` charging what the layer's static shapes make the slowest device compute: with the
+        ``capacity`` kernel ``slots x capacity`` rows, ``capacity`` the slot size the device holding the
+        fullest slot picks (:func:`moeless_jax.moe.capacity.pick_capacity`), with ``ragged`` its receive
+        buffer of ``rows_buffer`` rows (default: the fullest device's rows)."""
         rows = np.asarray(rows_per_device, np.float64)
         if kernel == "capacity":
             if slots is None or capacity is None:
