@@ -316,9 +316,12 @@ def test_slot_capacities_and_their_checks():
 def test_ladder_keeps_the_small_capacities_when_it_grows():
     config = MoEConfig(**{**CONFIGS["deepseek_capacity"].__dict__, "slot_capacity_factor": 1.1})
     ladder = buffer_ladder(config, 8192)
-    assert len(ladder[0].slot_rows) > 1
-    assert ladder[1].slot_rows[:-1] == ladder[0].slot_rows
-    assert ladder[1].slot_rows[-1] == 2 * ladder[0].slot_rows[-1]
+    first, grown = ladder[0].slot_rows, ladder[1].slot_rows
+    assert len(first) > 1 and set(first) < set(grown)
+    balanced = 8192 * config.top_k / config.slots_per_device
+    assert grown[-1] == 64 * -(-2.2 * balanced // 64)  # twice the largest, rounded up to 64 rows
+    steps = np.diff(grown) / np.asarray(grown[:-1])
+    assert steps.max() <= 0.05 + 64 / balanced  # the grown sizes keep the ladder's 5 % steps
 
 
 SEVERAL_CAPACITIES = Buffers(dispatch_rows=32, slot_rows=(12, 16, 24, 64), overflow_rows=32)

@@ -144,11 +144,16 @@ def default_buffers(config: MoEConfig, tokens_per_device: int, backend: str | No
     rows_per_device = tokens_per_device * config.top_k  # balanced load of one device
     return Buffers(
         dispatch_rows,
-        slot_capacities(
-            rows_per_device / config.slots_per_device, config.slot_capacity_factor, config.slot_capacity_ratio
-        ),
+        config_slot_capacities(config, tokens_per_device),
         max(8, math.ceil(config.overflow_fraction * rows_per_device)),
     )
+
+
+def config_slot_capacities(config: MoEConfig, tokens_per_device: int, grow: float = 1.0) -> tuple[int, ...]:
+    """The ``capacity`` kernel's slot sizes for ``config`` at ``tokens_per_device``, up to ``grow`` x
+    ``slot_capacity_factor`` balanced slots."""
+    rows_per_slot = tokens_per_device * config.top_k / config.slots_per_device
+    return slot_capacities(rows_per_slot, grow * config.slot_capacity_factor, config.slot_capacity_ratio)
 
 
 def worst_case_buffers(config: MoEConfig, tokens_per_device: int) -> Buffers:
@@ -169,7 +174,7 @@ def buffer_ladder(
     config: MoEConfig, tokens_per_device: int, grow: Sequence[float] = (2.0,), backend: str | None = None
 ) -> list[Buffers]:
     """Rungs of growing buffers for :func:`call_dropless`: the config's, each grown by ``grow`` (the slot
-    buffer gains a larger capacity and keeps its smaller ones), then the worst case."""
+    sizes continue up to ``grow`` x the largest and keep the smaller ones), then the worst case."""
     first = default_buffers(config, tokens_per_device, backend)
     worst = worst_case_buffers(config, tokens_per_device)
     rungs = [first]
@@ -177,7 +182,9 @@ def buffer_ladder(
         rungs.append(
             Buffers(
                 min(worst.dispatch_rows, math.ceil(first.dispatch_rows * g)),
-                None if first.slot_rows is None else (*first.slot_rows, math.ceil(first.slot_rows[-1] * g)),
+                None
+                if first.slot_rows is None
+                else tuple(sorted({*first.slot_rows, *config_slot_capacities(config, tokens_per_device, g)})),
                 math.ceil(first.overflow_rows * g),
             )
         )

@@ -51,7 +51,9 @@ class MoEConfig:
         ``auto``: ``capacity`` on an accelerator backend, ``ragged`` on CPU (see
         :func:`moeless_jax.moe.capacity.resolve_expert_kernel`).
       slot_capacity_factor: ``capacity`` kernel: the largest per-slot buffer, in rows relative to a
-        balanced slot's rows.
+        balanced slot's rows (rows past it take the slower ragged overflow path). On real DeepSeek-V2-Lite
+        routings with replicated tables the fullest slot held 1.3-2x a balanced slot's rows
+        (``results/emulate``), hence the default 2.
       slot_capacity_ratio: ``capacity`` kernel: ratio between consecutive compiled per-slot buffers, from a
         balanced slot's rows up to ``slot_capacity_factor``; each device computes with the smallest that holds
         its fullest slot (see :func:`moeless_jax.moe.capacity.slot_capacities`). ``None``: one buffer.
@@ -74,7 +76,7 @@ class MoEConfig:
     split: Split = "even"
     split_iterations: int = SPLIT_ITERATIONS
     expert_kernel: ExpertKernel = "ragged"
-    slot_capacity_factor: float = 1.1
+    slot_capacity_factor: float = 2.0
     slot_capacity_ratio: float | None = SLOT_CAPACITY_RATIO
     overflow_fraction: float = 0.25
     dtype: str = "float32"
