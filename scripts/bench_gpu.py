@@ -381,7 +381,7 @@ def swap_part(args, out_dir: Path) -> None:
         table = ReplicaTable.random(rng, num_experts=experts, num_devices=1, slots_per_device=slots)
         start = time.perf_counter()
         plan = layer.set_table(table)
-        jax.block_until_ready(layer.experts.get_value())
+        jax.block_until_ready(layer.experts.weights())
         swap_ms.append(1e3 * (time.perf_counter() - start))
         moves.append(len(plan.moves))
         jax.block_until_ready(step(layer, x))

@@ -190,7 +190,7 @@ def main(argv=None) -> int:
             )
             start = time.perf_counter()
             plan = layer.set_table(table)
-            jax.block_until_ready(layer.experts.get_value())
+            jax.block_until_ready(layer.experts.weights())
             move_ms = 1e3 * (time.perf_counter() - start)
             call = partial(forward, layer.params, layer.table.get_value(), x, ids)
             _, used = call_dropless(call, ladder)

@@ -368,7 +368,7 @@ def test_shape_errors_name_the_problem():
     model = MODELS["mixtral"]
     c = model.config
     table = ReplicaTable.static(num_experts=8, num_devices=8, slots_per_device=2)
-    with pytest.raises(ShapeError, match="not divisible by num_devices=8"):
+    with pytest.raises(ShapeError, match="not divisible by the mesh.s 8 devices"):
         model.run(table, tokens(0, c, n=60))
     with pytest.raises(ShapeError, match="expected \\[tokens, d_model=16\\]"):
         model.run(table, jnp.ones((64, 15)))

@@ -12,20 +12,27 @@ from moeless_jax.moe.config import MoEConfig
 from moeless_jax.moe.dispatch import Assignments, assign_slots
 from moeless_jax.moe.experts import MLPWeights, capacity_swiglu, grouped_swiglu, init_mlp_weights, swiglu
 from moeless_jax.moe.layer import (
+    DATA_AXIS,
     EP_AXIS,
     MoELayer,
     MoEOutput,
     MoEParams,
+    RouterBias,
     ShapeError,
+    SwiGLUWeights,
     make_ep_mesh,
     moe_forward,
+    place,
+    tie_replica_grads,
+    token_axes,
 )
 from moeless_jax.moe.reference import dense_moe_reference
 from moeless_jax.moe.replica_table import EMPTY, ReplicaTable, ReplicaTableError, TableArrays
-from moeless_jax.moe.router import Routing, route
+from moeless_jax.moe.router import Routing, route, router_losses
 from moeless_jax.moe.slot_weights import Move, MovePlan, apply_moves, materialize_slot_weights, plan_moves
 
 __all__ = [
+    "DATA_AXIS",
     "EMPTY",
     "EP_AXIS",
     "Assignments",
@@ -39,8 +46,10 @@ __all__ = [
     "MovePlan",
     "ReplicaTable",
     "ReplicaTableError",
+    "RouterBias",
     "Routing",
     "ShapeError",
+    "SwiGLUWeights",
     "TableArrays",
     "apply_moves",
     "assign_slots",
@@ -55,8 +64,12 @@ __all__ = [
     "make_ep_mesh",
     "materialize_slot_weights",
     "moe_forward",
+    "place",
     "plan_moves",
     "route",
+    "router_losses",
     "swiglu",
+    "tie_replica_grads",
+    "token_axes",
     "worst_case_buffers",
 ]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 from moeless_jax.config import require
 
-RouterKind = Literal["mixtral", "deepseek"]
+RouterKind = Literal["mixtral", "deepseek", "deepseek_v3"]
+ROUTERS: tuple[str, ...] = get_args(RouterKind)
 Backend = Literal["dense", "ragged"]
 Split = Literal["even", "balanced"]
 SPLITS: tuple[str, ...] = get_args(Split)
@@ -18,6 +19,14 @@ SLOT_CAPACITY_RATIO = 1.05
 ExpertKernel = Literal["ragged", "capacity", "auto"]
 EXPERT_KERNELS: tuple[str, ...] = get_args(ExpertKernel)
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class GroupLimit(NamedTuple):
+    """DeepSeek-V3 group-limited routing: experts form ``groups`` equal groups; a token picks its top
+    ``topk_groups`` groups (by the sum of each group's two best biased scores) and its experts among them."""
+
+    groups: int = 1
+    topk_groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -31,9 +40,14 @@ class MoEConfig:
       top_k: experts per token.
       num_devices: devices D on the ``ep`` axis.
       slots_per_device: physical expert slots S per device (P = D * S >= E).
-      router: ``mixtral`` (top-k of logits, softmax over the chosen) or ``deepseek`` (softmax over all,
-        then top-k, renormalised when ``renormalize``).
-      renormalize: DeepSeek only: rescale the chosen weights to sum to 1.
+      router: ``mixtral`` (top-k of logits, softmax over the chosen), ``deepseek`` (softmax over all,
+        then top-k, renormalised when ``renormalize``) or ``deepseek_v3`` (sigmoid scores, group-limited
+        top-k chosen with a load-balancing bias that never enters the weights; see
+        :func:`moeless_jax.moe.router.route`).
+      renormalize: DeepSeek routers only: rescale the chosen weights to sum to 1.
+      num_expert_groups: ``deepseek_v3``: experts form this many equal groups (1 = no group limit).
+      topk_groups: ``deepseek_v3``: groups a token may pick its experts from.
+      routed_scaling_factor: ``deepseek_v3``: factor on the routed experts' weights.
       num_shared_experts: always-active experts applied to every token (DeepSeek); their hidden size is
         ``num_shared_experts * d_ff_shared``.
       d_ff_shared: hidden size of each shared expert (defaults to ``d_ff``).
@@ -69,6 +83,9 @@ class MoEConfig:
     slots_per_device: int = 1
     router: RouterKind = "mixtral"
     renormalize: bool = True
+    num_expert_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
     num_shared_experts: int = 0
     d_ff_shared: int | None = None
     backend: Backend = "dense"
@@ -96,7 +113,36 @@ class MoEConfig:
             f"{self.num_devices} devices x {self.slots_per_device} slots cannot hold {self.num_experts} "
             f"experts once each; use slots_per_device >= {-(-self.num_experts // self.num_devices)}",
         )
-        require(self.router in ("mixtral", "deepseek"), "router", f"'{self.router}' is not mixtral|deepseek")
+        require(self.router in ROUTERS, "router", f"'{self.router}' is not one of {'|'.join(ROUTERS)}")
+        for name in ("num_expert_groups", "topk_groups"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        require(
+            self.num_experts % self.num_expert_groups == 0,
+            "num_expert_groups",
+            f"{self.num_expert_groups} groups do not divide {self.num_experts} experts evenly",
+        )
+        require(
+            self.topk_groups <= self.num_expert_groups,
+            "topk_groups",
+            f"{self.topk_groups} exceeds num_expert_groups {self.num_expert_groups}",
+        )
+        require(
+            self.num_expert_groups == 1 or self.router == "deepseek_v3",
+            "num_expert_groups",
+            f"group-limited routing needs router 'deepseek_v3', got '{self.router}'",
+        )
+        require(
+            self.topk_groups * (self.num_experts // self.num_expert_groups) >= self.top_k,
+            "topk_groups",
+            f"{self.topk_groups} groups of {self.num_experts // self.num_expert_groups} experts cannot hold "
+            f"top_k={self.top_k} experts; raise topk_groups",
+        )
+        require(
+            self.routed_scaling_factor > 0,
+            "routed_scaling_factor",
+            f"must be positive, got {self.routed_scaling_factor}",
+        )
         require(self.backend in ("dense", "ragged"), "backend", f"'{self.backend}' is not dense|ragged")
         require(
             isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
@@ -138,6 +184,10 @@ class MoEConfig:
             self.overflow_fraction > 0, "overflow_fraction", f"must be positive, got {self.overflow_fraction}"
         )
         require(self.dtype in DTYPES, "dtype", f"'{self.dtype}' is not one of {DTYPES}")
+
+    @property
+    def group_limit(self) -> GroupLimit:
+        return GroupLimit(self.num_expert_groups, self.topk_groups)
 
     @property
     def num_slots(self) -> int:

@@ -144,10 +144,10 @@ def _bucket(n: int) -> int:
 
 
 @partial(jax.jit, donate_argnums=0)
-def _copy_slots(weights: MLPWeights, src: jax.Array, dst: jax.Array) -> MLPWeights:
+def _copy_slots(weights, src: jax.Array, dst: jax.Array):
     # Gathers read the old weights before any scatter writes, so swaps and chains are safe;
     # padding entries have dst = P and are dropped.
-    return MLPWeights(*(_copy_rows(w, src, dst) for w in weights))
+    return jax.tree.map(lambda w: _copy_rows(w, src, dst), weights)
 
 
 def _copy_rows(w: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
@@ -159,9 +159,13 @@ def _copy_rows(w: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
     return w.at[dst].set(rows, mode="drop", out_sharding=sharding)
 
 
-def apply_moves(weights: MLPWeights, plan: MovePlan) -> MLPWeights:
-    """Slot weights after ``plan`` (donates ``weights``; unchanged slots are not rewritten)."""
-    num_slots = weights.gate.shape[0]
+def apply_moves(weights, plan: MovePlan):
+    """Slot weights after ``plan`` (donates ``weights``; unchanged slots are not rewritten).
+
+    ``weights``: :class:`MLPWeights`, or any pytree of ``[P, ...]`` arrays that follow the slots (e.g. an
+    optimizer's moments of the slot weights).
+    """
+    num_slots = jax.tree.leaves(weights)[0].shape[0]
     n = len(plan.moves)
     if n == 0:
         return weights
