@@ -9,6 +9,7 @@ package does not import jax, and only the ``balanced`` split of the metrics does
 - :mod:`~moeless_jax.plan.metrics`: how a table splits load over devices, and balancedness.
 """
 
+from moeless_jax.plan.budget import limit_moves
 from moeless_jax.plan.config import (
     EPLBConfig,
     MoElessConfig,
@@ -70,6 +71,7 @@ __all__ = [
     "balancedness",
     "check_loads",
     "device_loads",
+    "limit_moves",
     "make_policy",
     "place",
     "place_replicas",

@@ -132,6 +132,37 @@ class Policy:
             for row in self.slot_to_expert
         ]
 
+    def adopt(self, slot_to_expert: np.ndarray) -> None:
+        """Make ``slot_to_expert [L, P]`` the tables in use (e.g. those a layer actually serves, after a move
+        budget cut a plan short). Every row must be servable and fill at most the layout's slot cap."""
+        from moeless_jax.plan.budget import check_table
+
+        layout = self.layout
+        tables = np.asarray(slot_to_expert)
+        if tables.shape != self.slot_to_expert.shape:
+            raise InputError(
+                f"slot_to_expert: has shape {tables.shape}, expected {self.slot_to_expert.shape} = "
+                "(layers, slots)"
+            )
+        rows = [
+            check_table(
+                row,
+                num_experts=layout.num_experts,
+                num_devices=layout.num_devices,
+                slots_per_device=layout.slots_per_device,
+                name=f"slot_to_expert layer {layer}",
+            )
+            for layer, row in enumerate(tables)
+        ]
+        filled = (tables >= 0).sum(-1)
+        if (filled > layout.replica_cap).any():
+            layer = int(np.argmax(filled > layout.replica_cap))
+            raise InputError(
+                f"slot_to_expert layer {layer}: fills {int(filled[layer])} slots, more than the cap "
+                f"{layout.replica_cap}"
+            )
+        self.slot_to_expert = np.stack(rows)
+
     def _decide(self, new: np.ndarray, seconds: float, fallbacks: int = 0) -> Decision:
         old = self.slot_to_expert
         moved = ((new != old) & (new >= 0)).sum(-1)
