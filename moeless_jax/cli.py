@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "moeless_jax.traces.cli",
     "moeless_jax.plan.cli",
     "moeless_jax.predict.cli",
+    "moeless_jax.model.cli",
 )
 
 
