@@ -16,10 +16,12 @@ from moeless_jax.errors import USER_ERRORS
 # Modules that provide ``register(subparsers)``, in help order.
 COMMAND_MODULES = (
     "moeless_jax.demo",
+    "moeless_jax.layer_demo",
     "moeless_jax.traces.cli",
     "moeless_jax.plan.cli",
     "moeless_jax.predict.cli",
     "moeless_jax.model.cli",
+    "moeless_jax.serve.cli",
 )
 
 

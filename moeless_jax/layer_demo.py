@@ -1,4 +1,4 @@
-"""``moeless demo``: the replicated MoE layer on a skewed batch, static table against a MoEless table.
+"""``moeless demo-layer``: the replicated MoE layer on a skewed batch, static table against a MoEless table.
 
 Runs on host CPU devices (8 by default) with an embedded config; no download, no data. The MoEless table is
 planned from the batch's own expert counts (a perfect forecast, to show what replication can do), then the
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import asdict, dataclass
 
 from moeless_jax.config import load_config, require
+from moeless_jax.devices import local_devices
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The demo's layer and batch (defaults are the embedded demo; ``configs/demo.yaml`` repeats them)."""
+    """The demo's layer and batch (defaults: the embedded demo; ``configs/demo_layer.yaml`` repeats them)."""
 
     tokens: int = 2048
     d_model: int = 64
@@ -44,7 +44,7 @@ class DemoConfig:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="run the replicated MoE layer on a skewed batch (CPU devices)")
+    p = subparsers.add_parser("demo-layer", help="the replicated MoE layer on a skewed batch (CPU devices)")
     p.add_argument("--config", help="YAML file with DemoConfig fields (default: the embedded demo)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
@@ -55,22 +55,6 @@ def run(args: argparse.Namespace) -> int:
     report = run_demo(config)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
-
-
-def _cpu_devices(count: int):
-    """Host CPU devices; XLA must hear how many before jax initialises its backends."""
-    flag = f"--xla_force_host_platform_device_count={count}"
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
-    import jax
-
-    devices = jax.devices("cpu")
-    if len(devices) < count:
-        raise ValueError(
-            f"num_devices={count} but jax has {len(devices)} CPU devices (it started before the demo set "
-            f"XLA_FLAGS); run in a fresh process or set XLA_FLAGS={flag}"
-        )
-    return devices[:count]
 
 
 def skewed_tokens(config: DemoConfig, router):
@@ -87,7 +71,7 @@ def skewed_tokens(config: DemoConfig, router):
 
 
 def run_demo(config: DemoConfig) -> dict:
-    devices = _cpu_devices(config.num_devices)
+    devices = local_devices(config.num_devices)
     import jax
     import numpy as np
     from flax import nnx

@@ -180,7 +180,7 @@ def plot_gmm(points: list[dict], peak: float, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- CPU part
 def cpu_part(args) -> dict:
     """The demo's skewed batch on 8 host devices: static table vs MoEless table (even and balanced split)."""
-    from moeless_jax.demo import DemoConfig, run_demo
+    from moeless_jax.layer_demo import DemoConfig, run_demo
 
     report = run_demo(DemoConfig())
     plot_tokens_per_device(report, Path(args.out_dir) / "tokens_per_device.png")

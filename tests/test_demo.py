@@ -1,4 +1,4 @@
-"""The README's main job, `moeless demo`, as a user runs it: a fresh process, embedded config."""
+"""The demos as a user runs them: a fresh process, embedded config and shipped checkpoint."""
 
 import json
 import os
@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 
-def test_demo_runs_and_replication_balances_without_changing_outputs(tmp_path):
+def test_layer_demo_runs_and_replication_balances_without_changing_outputs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the demo sets its own device count
     config = tmp_path / "demo.yaml"
     config.write_text("tokens: 512\nhot_fraction: 0.7\n")
     done = subprocess.run(
-        [sys.executable, "-m", "moeless_jax.cli", "demo", "--config", str(config), "--json"],
+        [sys.executable, "-m", "moeless_jax.cli", "demo-layer", "--config", str(config), "--json"],
         capture_output=True,
         text=True,
         env=env,
@@ -28,11 +28,11 @@ def test_demo_runs_and_replication_balances_without_changing_outputs(tmp_path):
         assert run["max_abs_diff_vs_static"] < 1e-5 and run["overflow"] == 0
 
 
-def test_demo_rejects_a_bad_config(tmp_path):
+def test_layer_demo_rejects_a_bad_config(tmp_path):
     config = tmp_path / "demo.yaml"
     config.write_text("tokens: 100\nnum_devices: 8\n")
     done = subprocess.run(
-        [sys.executable, "-m", "moeless_jax.cli", "demo", "--config", str(config)],
+        [sys.executable, "-m", "moeless_jax.cli", "demo-layer", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -41,3 +41,34 @@ def test_demo_rejects_a_bad_config(tmp_path):
     assert done.returncode == 2
     assert "tokens: must be divisible by num_devices=8" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_model_demo_generates_the_same_tokens_with_the_controller_on():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "moeless_jax.cli", "demo", "--json", "--prompt", "Write a short poem.",
+         "--prompt", "Explain a hash table."],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["tokens_identical"] is True
+    assert len(report["texts"]) == 2 and all(report["texts"])
+    static, live = report["static"], report["controller"]
+    assert len(static["balancedness_per_layer"]) == len(live["balancedness_per_layer"]) == 4
+    assert live["controller"]["slots_moved"] > 0
+    assert live["balancedness_mean"] > static["balancedness_mean"]
+
+
+def test_generate_rejects_an_empty_prompt_in_one_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "moeless_jax.cli", "generate", "--prompt", "  "],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 2
+    want = "moeless generate: error: --prompt number 1 is empty; every prompt needs text"
+    assert done.stderr.strip() == want

@@ -142,6 +142,9 @@ def load_token_data(data_dir: str | Path, seq_len: int, batch_size: int) -> Toke
 
 
 # ---------------------------------------------------------------------------------------------- steps
+COUNTS = ("expert_counts", "slot_counts")  # loss_fn metrics that are arrays, for a replication controller
+
+
 def _shard_batch(model: MoETransformer, windows: np.ndarray) -> tuple[jax.Array, jax.Array]:
     sharding = NamedSharding(model.mesh, P(token_axes(model.mesh)))
     windows = jax.device_put(np.asarray(windows, np.int32), sharding)
@@ -164,7 +167,8 @@ def _apply(model: MoETransformer, optimizer: nnx.Optimizer, grads) -> None:
 
 @nnx.jit(static_argnames="buffers")
 def _eval_step(model: MoETransformer, tokens, targets, buffers: Buffers):
-    return loss_fn(model, tokens, targets, jnp.ones(tokens.shape, jnp.float32), buffers=buffers)[1]
+    metrics = loss_fn(model, tokens, targets, jnp.ones(tokens.shape, jnp.float32), buffers=buffers)[1]
+    return {k: v for k, v in metrics.items() if k not in COUNTS}
 
 
 def dropless[T](run: Callable[[Buffers], T], ladder: list[Buffers]) -> tuple[T, int]:
@@ -177,14 +181,34 @@ def dropless[T](run: Callable[[Buffers], T], ladder: list[Buffers]) -> tuple[T, 
     raise RuntimeError("the last rung of the buffer ladder overflowed; it must be the worst case")
 
 
-def train_step(model, optimizer, windows: np.ndarray) -> dict[str, float]:
-    """One dropless optimizer step on ``windows [B, T + 1]``; returns float metrics (blocks on the loss)."""
+def train_step(model, optimizer, windows: np.ndarray, controller=None) -> dict[str, float]:
+    """One dropless optimizer step on ``windows [B, T + 1]``; returns float metrics (blocks on the loss).
+
+    ``controller``: a :class:`~moeless_jax.replication.ReplicationController` built with
+    ``on_moves=optimizer_follower(model, optimizer)``; it sees the step's counts and may install new tables
+    (with the optimizer's moments moved alongside) before the next step.
+    """
     tokens, targets = _shard_batch(model, windows)
     ladder = model.buffer_ladder(*tokens.shape)
     with jax.set_mesh(model.mesh):
         (loss, metrics, grads), rung = dropless(lambda b: _grad_step(model, tokens, targets, b), ladder)
         _apply(model, optimizer, grads)
+    counts = {name: metrics.pop(name) for name in COUNTS}
+    if controller is not None:
+        controller.observe(counts["expert_counts"], counts["slot_counts"])
     return {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}, "buffer_rung": rung}
+
+
+def optimizer_follower(model: MoETransformer, optimizer: nnx.Optimizer):
+    """``on_moves`` for a controller in a training loop: move the optimizer state with each layer's table."""
+    from moeless_jax.moe.optimizer_state import follow_moves
+
+    layers = model.moe_layers()
+
+    def on_moves(layer_index: int, plan) -> None:
+        follow_moves(optimizer, model, layers[layer_index], plan)
+
+    return on_moves
 
 
 def evaluate(model: MoETransformer, windows: np.ndarray, batch_size: int) -> dict[str, float]:
@@ -230,7 +254,13 @@ def restore_train_state(out_dir: Path, model, optimizer) -> tuple[int, list[dict
         step = manager.latest_step()
         if step is None:
             return 0, []
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state((model, optimizer)))
+        # Optimizer counters live on one device; restore everything onto the model's mesh.
+        replicated = NamedSharding(model.mesh, P())
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding if isinstance(
+                a.sharding, NamedSharding) else replicated),
+            nnx.state((model, optimizer)),
+        )
         try:
             restored = manager.restore(step, args=ocp.args.StandardRestore(target))
         except (ValueError, KeyError, FileNotFoundError) as err:
@@ -244,20 +274,26 @@ def restore_train_state(out_dir: Path, model, optimizer) -> tuple[int, list[dict
 
 # ---------------------------------------------------------------------------------------------- the loop
 def train(config: TrainConfig, data: TokenData, out_dir: str | Path, *, resume: bool = True,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, model_config: ModelConfig | None = None,
+          stop_at: int | None = None) -> dict[str, Any]:
     """Train (or resume) a model; writes ``out_dir/model`` (the exported checkpoint), ``train_state/``,
-    ``train_log.json``, ``summary.json`` and ``loss.png``. Returns the summary."""
+    ``train_log.json``, ``summary.json`` and ``loss.png``. Returns the summary.
+
+    ``model_config`` overrides ``config.model``. ``stop_at``: save a resumable state after that many steps
+    and return ``{"stopped_at": step}`` (an interrupted run; a later call resumes it).
+    """
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_config = config.model_config()
+    model_config = model_config or config.model_config()
     mesh = make_ep_mesh(config.num_devices)
     model = MoETransformer(model_config, mesh=mesh, rngs=nnx.Rngs(config.seed))
     optimizer = make_optimizer(model, config)
     start, log = restore_train_state(out_dir, model, optimizer) if resume else (0, [])
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
     began = time.perf_counter()
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
+    bar = tqdm(range(start, end), initial=start, total=config.steps, disable=not progress,
                desc=f"train {config.model}", unit="step")
     for step in bar:
         row = {"step": step + 1, **train_step(model, optimizer, data.batch(step, config.batch_size,
@@ -267,8 +303,11 @@ def train(config: TrainConfig, data: TokenData, out_dir: str | Path, *, resume: 
             row["heldout_cross_entropy"] = evaluate(model, held, config.batch_size)["cross_entropy"]
         log.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < end:
             save_train_state(out_dir, step + 1, model, optimizer, log)
+    if end < config.steps:
+        save_train_state(out_dir, end, model, optimizer, log)
+        return {"stopped_at": end}
     seconds = time.perf_counter() - began
     save_train_state(out_dir, config.steps, model, optimizer, log)
     final = evaluate(model, data.heldout, config.batch_size)

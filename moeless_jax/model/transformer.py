@@ -361,7 +361,8 @@ def loss_fn(
     """Token-level cross-entropy (mean over ``mask``) plus the weighted auxiliary MoE losses.
 
     tokens, targets: [B, T] int32; mask: [B, T] (1 where the target counts). Returns (loss [], metrics:
-    cross_entropy, load_balance_loss, router_z_loss, overflow, num_tokens). A non-zero ``overflow`` means
+    cross_entropy, load_balance_loss, router_z_loss, overflow, num_tokens, and the step's expert_counts
+    [L, E] and slot_counts [L, P] for a replication controller). A non-zero ``overflow`` means
     some assignments were not computed (nor differentiated): rerun the step with the next rung of
     :meth:`MoETransformer.buffer_ladder` as ``buffers`` (positional, so ``nnx.grad`` can take it; mark it
     static under jit).
@@ -383,6 +384,8 @@ def loss_fn(
         "router_z_loss": out.router_z_loss,
         "overflow": out.overflow,
         "num_tokens": num_tokens,
+        "expert_counts": out.expert_counts,
+        "slot_counts": out.slot_counts,
     }
     return loss, metrics
 
