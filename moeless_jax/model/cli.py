@@ -32,6 +32,7 @@ def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from moeless_jax.config import load_config
+    from moeless_jax.devices import local_devices
     from moeless_jax.model.train import TrainConfig, check_data_dir
 
     config = load_config(TrainConfig, args.config) if args.config else TrainConfig()
@@ -39,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, steps=args.steps,
                                      warmup_steps=min(config.warmup_steps, args.steps // 10))
     data_dir = check_data_dir(args.data_dir)
-    _host_devices(config.num_devices)
+    local_devices(config.num_devices)
     from moeless_jax.model.train import load_token_data, train
 
     data = load_token_data(data_dir, config.seq_len, config.batch_size)
@@ -51,12 +52,3 @@ def _train(args: argparse.Namespace) -> int:
         print(f"{config.model}: {summary['steps']} steps, held-out perplexity {held['perplexity']:.1f} "
               f"({held['tokens']:.0f} tokens); checkpoint {args.out / 'model'}")
     return 0
-
-
-def _host_devices(count: int) -> None:
-    """On a CPU machine, ask XLA for ``count`` host devices before jax starts (no effect on accelerators)."""
-    import os
-
-    flag = "xla_force_host_platform_device_count"
-    if count > 1 and flag not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{flag}={count}".strip()
