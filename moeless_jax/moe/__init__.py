@@ -26,6 +26,7 @@ from moeless_jax.moe.layer import (
     tie_replica_grads,
     token_axes,
 )
+from moeless_jax.moe.optimizer_state import follow_moves
 from moeless_jax.moe.reference import dense_moe_reference
 from moeless_jax.moe.replica_table import EMPTY, ReplicaTable, ReplicaTableError, TableArrays
 from moeless_jax.moe.router import Routing, route, router_losses
@@ -59,6 +60,7 @@ __all__ = [
     "default_buffers",
     "dense_moe_reference",
     "dispatch_capacity",
+    "follow_moves",
     "grouped_swiglu",
     "init_mlp_weights",
     "make_ep_mesh",
