@@ -52,7 +52,8 @@ class FakeLayer:
     def replica_table(self):
         return self.table
 
-    def set_table(self, table):
+    def set_table(self, table, *, current=None):
+        assert current is None or current == self.table, "the controller must know the table the layer holds"
         plan = plan_moves(self.table, table, bytes_per_expert=BYTES)
         self.table = table
         self.calls.append((table, plan))

@@ -404,11 +404,14 @@ class MoELayer(nnx.Module):
         out = NamedSharding(self.mesh, P())
         return MLPWeights(*(w.at[first].get(out_sharding=out) for w in self.experts.weights()))
 
-    def set_table(self, table: ReplicaTable) -> MovePlan:
+    def set_table(self, table: ReplicaTable, *, current: ReplicaTable | None = None) -> MovePlan:
         """Move slot weights to ``table`` (only changed slots are copied) and adopt it.
 
         The old slot arrays are donated to the copy: arrays read from the layer before this call (e.g. a
         ``layer.params`` held by the caller) are invalid after it. Accepts only a :class:`ReplicaTable`.
+        ``current``: the table the layer holds, when the caller tracks it (a controller does); without it the
+        layer reads its table back from the device, which waits for any step in flight that outputs it.
+        Nothing here blocks otherwise: the copy is dispatched asynchronously.
         """
         if not isinstance(table, ReplicaTable):
             raise TypeError(
@@ -421,7 +424,8 @@ class MoELayer(nnx.Module):
             num_experts=c.num_experts, num_devices=c.num_devices, slots_per_device=c.slots_per_device
         )
         weights = self.experts.weights()
-        plan = plan_moves(self.replica_table(), table, bytes_per_expert=expert_bytes(weights))
+        current = self.replica_table() if current is None else current
+        plan = plan_moves(current, table, bytes_per_expert=expert_bytes(weights))
         self.experts.set_weights(apply_moves(weights, plan))
         self.table.set_value(table.arrays(NamedSharding(self.mesh, P())))
         return plan

@@ -70,8 +70,10 @@ class ReplicatedLayer(Protocol):
         """The table the layer's slot weights hold now."""
         ...
 
-    def set_table(self, table: ReplicaTable) -> MovePlan:
-        """Move slot weights to ``table`` and adopt it; return what was copied."""
+    def set_table(self, table: ReplicaTable, *, current: ReplicaTable | None = None) -> MovePlan:
+        """Move slot weights to ``table`` and adopt it; return what was copied. ``current``: the table the
+        layer holds, as the controller knows it (so the layer need not read it back from the device, which
+        would wait for the step in flight)."""
         ...
 
 
@@ -384,7 +386,7 @@ class ReplicationController:
                     slots_per_device=layout.slots_per_device,
                 )
                 start = time.perf_counter()
-                plan = self.layers[layer].set_table(table)
+                plan = self.layers[layer].set_table(table, current=self._tables[layer])
                 install += time.perf_counter() - start
                 self._install(layer, table)
                 moved[:, layer] = len(plan.moves), plan.bytes_total
