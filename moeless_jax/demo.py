@@ -13,15 +13,17 @@ from dataclasses import asdict, dataclass
 
 from moeless_jax.config import load_config, require
 
+# Beginnings of chat prompts: the shipped models learned from prompts (each followed by end-of-text), so a
+# finished question is most often followed by end-of-text, and an unfinished one is continued.
 PROMPTS = (
-    "How do I center a text element vertically in a row?",
-    "Write a short poem about the sea.",
-    "What is the difference between a list and a tuple in Python?",
-    "Give me three ideas for a birthday party.",
-    "Explain how a hash table works.",
-    "Translate 'good morning' into French and Spanish.",
-    "Summarize the plot of a detective story in two sentences.",
-    "What should I pack for a weekend hiking trip?",
+    "How do I center a text element",
+    "Write a short poem about",
+    "What is the difference between a list and",
+    "Give me three ideas for",
+    "Explain how a hash table",
+    "Translate the following sentence into",
+    "Summarize the plot of",
+    "What should I pack for a",
 )
 
 
