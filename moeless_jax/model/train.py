@@ -13,6 +13,7 @@ with the slot weights (:func:`moeless_jax.moe.follow_moves`). Training under any
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -50,6 +51,8 @@ class TrainConfig:
     between held-out evaluations (on ``eval_batches`` batches; the final evaluation uses all held-out text).
     checkpoint_every: steps between resumable checkpoints. seed: parameters and data order.
     save_dtype: dtype of the exported model checkpoint (``bfloat16`` ships small).
+    dtype: parameter and activation dtype: ``auto`` (bfloat16 on a GPU or TPU, float32 on CPU, where bfloat16
+    matmuls are emulated and slow), or a dtype name; the model config's own dtype when ``None``.
     """
 
     model: str = "mixtral_tiny"
@@ -67,6 +70,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     seed: int = 0
     save_dtype: str | None = "bfloat16"
+    dtype: str | None = "auto"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "num_devices", "eval_every", "eval_batches",
@@ -84,9 +88,14 @@ class TrainConfig:
         require(self.grad_clip > 0, "grad_clip", f"must be positive, got {self.grad_clip}")
 
     def model_config(self) -> ModelConfig:
-        if Path(self.model).suffix in (".yaml", ".yml"):
-            return ModelConfig.from_yaml(self.model)
-        return preset(self.model)
+        config = ModelConfig.from_yaml(self.model) if Path(self.model).suffix in (".yaml", ".yml") \
+            else preset(self.model)
+        if self.dtype is None:
+            return config
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        return dataclasses.replace(config, dtype=dtype)
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
