@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = [
     pytest.param(doc, index, code, id=f"{doc}-{index}")
-    for doc in ("models.md", "training.md")
-    for index, code in enumerate(re.findall(r"```python\n(.*?)```", (DOCS / doc).read_text(), re.S))
+    for doc in ("README.md", "docs/models.md", "docs/training.md")
+    for index, code in enumerate(re.findall(r"```python\n(.*?)```", (ROOT / doc).read_text(), re.S))
 ]
 
 
