@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from moeless_jax.checkpointing import restore_item
 from moeless_jax.config import ConfigError
 from moeless_jax.errors import InputError
 from moeless_jax.model.config import ModelConfig, config_from_mapping
@@ -145,16 +146,7 @@ def _directory(path: str | Path) -> Path:
 
 
 def _restore(path: Path, item: str, args):
-    try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            restored = checkpointer.restore(path, ocp.args.Composite(**{item: args}))[item]
-    except Exception as err:  # orbax raises many types for damaged files; name the item and the cause
-        first_line = (str(err).strip().splitlines() or [""])[0][:200]
-        raise InputError(f"{path}: cannot read the checkpoint's {item} (missing or damaged files: "
-                         f"{type(err).__name__}: {first_line}); save the model again") from None
-    if restored is None:
-        raise InputError(f"{path}: the checkpoint has no {item}; save the model again")
-    return restored
+    return restore_item(path, item, args, fix="save the model again")
 
 
 def _info(path: Path, metadata) -> CheckpointInfo:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 
+from moeless_jax.checkpointing import restore_item
 from moeless_jax.errors import InputError
 from moeless_jax.predict.base import LoadPredictor
 from moeless_jax.predict.registry import from_settings
@@ -88,15 +89,7 @@ def _open(directory: str | Path) -> tuple[Path, object]:
 
 
 def _restore(path: Path, item: str, args):
-    try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            restored = checkpointer.restore(path, ocp.args.Composite(**{item: args}))[item]
-    except Exception as err:  # orbax raises many types for damaged files; name the file and the fix
-        raise InputError(f"{path}: cannot read the checkpoint's {item} ({type(err).__name__}: "
-                         f"{str(err)[:200]}); {_REFIT}") from None
-    if restored is None:
-        raise InputError(f"{path}: the checkpoint has no {item}; {_REFIT}")
-    return restored
+    return restore_item(path, item, args, fix=_REFIT)
 
 
 def _build(path: Path, metadata) -> LoadPredictor:
