@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "moeless_jax.plan.cli",
     "moeless_jax.predict.cli",
     "moeless_jax.model.cli",
+    "moeless_jax.model.record_cli",
     "moeless_jax.serve.cli",
 )
 
