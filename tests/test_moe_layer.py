@@ -18,6 +18,7 @@ from moeless_jax.moe import (
     ShapeError,
     buffer_ladder,
     call_dropless,
+    default_buffers,
     dense_moe_reference,
     init_mlp_weights,
     make_ep_mesh,
@@ -476,3 +477,34 @@ def test_replayed_routing_is_checked():
         call(routing=(ids + c.num_experts, weights))
     with pytest.raises(ShapeError, match="distinct"):
         call(routing=(np.zeros_like(ids), weights))
+
+
+@pytest.mark.parametrize("kernel", ["capacity", "ragged"])
+def test_default_buffers_are_dropless_in_one_call_under_extreme_skew(kernel):
+    """Every token picks the same two experts: their slots hold 8x a balanced slot's rows, far past the
+    capacity kernel's largest slot buffer (2x, 64 rows). With the config's default buffers one call is
+    complete."""
+    config = MoEConfig(d_model=16, d_ff=32, num_experts=8, top_k=2, num_devices=8, slots_per_device=2,
+                       expert_kernel=kernel, split="balanced")
+    model = Model(config, seed=3)
+    x = jnp.tile(tokens(1, config, 1), (4 * TOKENS, 1))
+    out = model.run(ReplicaTable.static(num_experts=8, num_devices=8, slots_per_device=2), x)
+    assert int(out.overflow) == 0
+    largest = max(default_buffers(config, 4 * TOKENS // 8).slot_rows or (0,))
+    assert int(np.max(out.slot_counts)) > 2 * largest or kernel == "ragged", "the test must force a spill"
+    np.testing.assert_allclose(out.y, model.reference(model.router, model.experts, model.shared, x),
+                               rtol=2e-5, atol=2e-5)
+
+
+def test_a_bounded_overflow_buffer_is_an_explicit_choice_and_overflow_is_counted():
+    config = MoEConfig(d_model=16, d_ff=32, num_experts=8, top_k=2, num_devices=8, slots_per_device=2,
+                       expert_kernel="capacity", overflow_fraction=0.1)
+    model = Model(config, seed=3)
+    x = jnp.tile(tokens(1, config, 1), (4 * TOKENS, 1))
+    table = ReplicaTable.static(num_experts=8, num_devices=8, slots_per_device=2)
+    bounded = model.run(table, x)
+    assert int(bounded.overflow) > 0, "a bounded overflow buffer must report the rows it did not compute"
+    out, _ = call_dropless(lambda b: model.run(table, x, b), buffer_ladder(config, 4 * TOKENS // 8))
+    assert int(out.overflow) == 0
+    np.testing.assert_allclose(out.y, model.reference(model.router, model.experts, model.shared, x),
+                               rtol=2e-5, atol=2e-5)

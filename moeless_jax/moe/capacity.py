@@ -9,7 +9,9 @@ The per-slot buffer comes in a few compiled capacities (:func:`slot_capacities`)
 device, the smallest that holds its fullest slot, so a balanced slot computes (almost) no padding rows while
 a fuller one still fits without a retry.
 
-Everything past a buffer is counted in ``MoEOutput.overflow`` and never silently dropped. The last rung of
+With a config's defaults (``capacity_factor`` and ``overflow_fraction`` null) both buffers hold every row a
+device can receive, so one call is complete. A config or caller that bounds them opts into the contract:
+everything past a buffer is counted in ``MoEOutput.overflow`` and never silently dropped. The last rung of
 :func:`buffer_ladder` is the worst case (worst-case dispatch, ``ragged`` expert kernel), which cannot
 overflow, so :func:`call_dropless` always ends with a complete output.
 """
@@ -131,7 +133,11 @@ def resolve_expert_kernel(config: MoEConfig, backend: str | None = None) -> str:
 
 
 def default_buffers(config: MoEConfig, tokens_per_device: int, backend: str | None = None) -> Buffers:
-    """The first rung: buffers sized from the config's factors (``backend`` resolves ``auto`` kernels)."""
+    """The first rung: buffers sized from the config's factors (``backend`` resolves ``auto`` kernels).
+
+    With the config's defaults (``capacity_factor`` and ``overflow_fraction`` null) nothing can overflow: the
+    layer is dropless in one call. Only a config that bounds a buffer opts into the ``overflow`` contract.
+    """
     kw = dict(
         tokens_per_device=tokens_per_device,
         top_k=config.top_k,
@@ -141,12 +147,12 @@ def default_buffers(config: MoEConfig, tokens_per_device: int, backend: str | No
     dispatch_rows = dispatch_capacity(config.backend, capacity_factor=config.capacity_factor, **kw)
     if resolve_expert_kernel(config, backend) == "ragged":
         return Buffers(dispatch_rows)
-    rows_per_device = tokens_per_device * config.top_k  # balanced load of one device
-    return Buffers(
-        dispatch_rows,
-        config_slot_capacities(config, tokens_per_device),
-        max(8, math.ceil(config.overflow_fraction * rows_per_device)),
-    )
+    if config.overflow_fraction is None:  # every row the device can receive: nothing is left uncomputed
+        overflow_rows = dispatch_rows * (config.num_devices if config.backend == "dense" else 1)
+    else:
+        rows_per_device = tokens_per_device * config.top_k  # balanced load of one device
+        overflow_rows = max(8, math.ceil(config.overflow_fraction * rows_per_device))
+    return Buffers(dispatch_rows, config_slot_capacities(config, tokens_per_device), overflow_rows)
 
 
 def config_slot_capacities(config: MoEConfig, tokens_per_device: int, grow: float = 1.0) -> tuple[int, ...]:

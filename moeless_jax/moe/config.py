@@ -71,7 +71,11 @@ class MoEConfig:
       slot_capacity_ratio: ``capacity`` kernel: ratio between consecutive compiled per-slot buffers, from a
         balanced slot's rows up to ``slot_capacity_factor``; each device computes with the smallest that holds
         its fullest slot (see :func:`moeless_jax.moe.capacity.slot_capacities`). ``None``: one buffer.
-      overflow_fraction: ``capacity`` kernel: ragged overflow rows as a fraction of a device's balanced rows.
+      overflow_fraction: ``capacity`` kernel: rows of the ragged overflow path (rows past the largest slot
+        buffer) as a fraction of a device's balanced rows. ``None`` (default): as many as the device can
+        receive, so a call with the default buffers computes every row in one go (the overflow path runs only
+        when a slot spills, so its size costs memory, not time). A fraction bounds it: rows past it are not
+        computed and are counted in ``overflow`` (retry with :func:`moeless_jax.moe.call_dropless`).
       dtype: parameter and activation dtype.
     """
 
@@ -95,7 +99,7 @@ class MoEConfig:
     expert_kernel: ExpertKernel = "ragged"
     slot_capacity_factor: float = 2.0
     slot_capacity_ratio: float | None = SLOT_CAPACITY_RATIO
-    overflow_fraction: float = 0.25
+    overflow_fraction: float | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -181,7 +185,9 @@ class MoEConfig:
             f"must be > 1 (or null for one buffer size), got {self.slot_capacity_ratio}",
         )
         require(
-            self.overflow_fraction > 0, "overflow_fraction", f"must be positive, got {self.overflow_fraction}"
+            self.overflow_fraction is None or self.overflow_fraction > 0,
+            "overflow_fraction",
+            f"must be positive or null (every row the device can receive), got {self.overflow_fraction}",
         )
         require(self.dtype in DTYPES, "dtype", f"'{self.dtype}' is not one of {DTYPES}")
 
