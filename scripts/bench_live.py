@@ -144,7 +144,7 @@ def plot(summary: dict, path: Path) -> None:
         for run in m["by_rebalance_interval"]:
             ax.plot(layers, run["balancedness_per_layer_controller"], "o-",
                     label=f"controller, re-plan every {run['rebalance_interval']} step(s): "
-                          f"+{run['controller_overhead_pct']:.0f} % time")
+                          f"{run['controller_overhead_pct']:+.0f} % time")
         ax.set_ylim(0, 1.05)
         ax.set_xlabel("layer")
         ax.set_ylabel("balancedness (mean / max tokens per device)")
