@@ -165,7 +165,7 @@ def moe_forward(
     buffers: Buffers | None = None,
     routing: tuple[jax.Array, jax.Array] | None = None,
 ) -> MoEOutput:
-    """Apply the replicated MoE layer to ``x [T, M]`` (T divisible by D).
+    """Apply the replicated MoE layer to ``x [T, M]`` (T divisible by the mesh's device count).
 
     ``table`` is data: any valid table of the config's (E, D, S) runs without recompiling, as long as
     ``params.experts`` holds the weights materialised for it. ``buffers`` (static) overrides the buffer
