@@ -10,7 +10,14 @@ from moeless_jax.moe.capacity import (
 )
 from moeless_jax.moe.config import MoEConfig
 from moeless_jax.moe.dispatch import Assignments, assign_slots
-from moeless_jax.moe.experts import MLPWeights, capacity_swiglu, grouped_swiglu, init_mlp_weights, swiglu
+from moeless_jax.moe.experts import (
+    MLPWeights,
+    capacity_swiglu,
+    grouped_swiglu,
+    init_mlp_weights,
+    slotwise_swiglu,
+    swiglu,
+)
 from moeless_jax.moe.layer import (
     DATA_AXIS,
     EP_AXIS,
@@ -69,6 +76,7 @@ __all__ = [
     "place",
     "plan_moves",
     "route",
+    "slotwise_swiglu",
     "router_losses",
     "swiglu",
     "tie_replica_grads",

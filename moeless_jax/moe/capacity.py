@@ -62,6 +62,12 @@ def pick_capacity(capacities: Sequence[int], fullest_rows: int) -> int:
     return next((c for c in capacities if c >= fullest_rows), capacities[-1])
 
 
+def slotwise_rows(capacities: Sequence[int], slot_rows: Sequence[int]) -> int:
+    """Host twin of the ``slotwise`` kernel's choice: rows a device computes for its slots' ``slot_rows``
+    (each slot's smallest capacity holding its rows, none for an empty slot, the largest when it spills)."""
+    return sum(pick_capacity(capacities, int(n)) for n in slot_rows if n > 0)
+
+
 def dispatch_capacity(
     backend: Backend,
     *,
@@ -156,10 +162,15 @@ def default_buffers(config: MoEConfig, tokens_per_device: int, backend: str | No
 
 
 def config_slot_capacities(config: MoEConfig, tokens_per_device: int, grow: float = 1.0) -> tuple[int, ...]:
-    """The ``capacity`` kernel's slot sizes for ``config`` at ``tokens_per_device``, up to ``grow`` x
-    ``slot_capacity_factor`` balanced slots."""
+    """The slot sizes of ``config``'s kernel at ``tokens_per_device``, up to ``grow`` x
+    ``slot_capacity_factor`` balanced slots. ``slotwise`` adds sizes below a balanced slot (64, 128, 256, ...
+    rows): each of its slots picks its own size, and a cold slot holds fewer rows than a balanced one."""
     rows_per_slot = tokens_per_device * config.top_k / config.slots_per_device
-    return slot_capacities(rows_per_slot, grow * config.slot_capacity_factor, config.slot_capacity_ratio)
+    sizes = slot_capacities(rows_per_slot, grow * config.slot_capacity_factor, config.slot_capacity_ratio)
+    if config.expert_kernel != "slotwise":
+        return sizes
+    small = [64 * 2**i for i in range(32) if 64 * 2**i < sizes[0]]
+    return tuple(sorted({*small, *sizes}))
 
 
 def worst_case_buffers(config: MoEConfig, tokens_per_device: int) -> Buffers:

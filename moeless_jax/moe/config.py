@@ -16,7 +16,7 @@ SPLITS: tuple[str, ...] = get_args(Split)
 SPLIT_ITERATIONS = 8
 # Ratio between consecutive compiled per-slot buffers of the capacity kernel: at most ~5 % padding rows.
 SLOT_CAPACITY_RATIO = 1.05
-ExpertKernel = Literal["ragged", "capacity", "auto"]
+ExpertKernel = Literal["ragged", "capacity", "slotwise", "auto"]
 EXPERT_KERNELS: tuple[str, ...] = get_args(ExpertKernel)
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -62,7 +62,9 @@ class MoEConfig:
       split_iterations: rounds of the balanced split (more rounds: closer to the optimal split).
       expert_kernel: ``ragged`` (``jax.lax.ragged_dot``; portable, no buffers), ``capacity`` (dense
         batched matmuls over per-slot buffers, with a ragged overflow path; fast when slots are balanced) or
-        ``auto``: ``capacity`` on an accelerator backend, ``ragged`` on CPU (see
+        ``slotwise`` (like ``capacity``, but every slot picks its own buffer size, so a device's time follows
+        the rows it holds, not ``S x`` its fullest slot; see :func:`moeless_jax.moe.experts.slotwise_swiglu`)
+        or ``auto``: ``capacity`` on an accelerator backend, ``ragged`` on CPU (see
         :func:`moeless_jax.moe.capacity.resolve_expert_kernel`).
       slot_capacity_factor: ``capacity`` kernel: the largest per-slot buffer, in rows relative to a
         balanced slot's rows (rows past it take the slower ragged overflow path). On real DeepSeek-V2-Lite

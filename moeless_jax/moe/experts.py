@@ -129,3 +129,66 @@ def _overflow_swiglu(rows, slot, spill, sizes, w: MLPWeights, overflow_rows: int
     hs = jax.nn.silu(jax.lax.ragged_dot(xs, w.gate, sizes)) * jax.lax.ragged_dot(xs, w.up, sizes)
     ys = jax.lax.ragged_dot(hs, w.down, sizes)
     return jnp.zeros_like(rows).at[order].add(jnp.where(spill[order][:, None], ys, 0))
+
+
+def slotwise_swiglu(
+    rows: jax.Array, slot: jax.Array, w: MLPWeights, *, capacity: int | Sequence[int], overflow_rows: int
+) -> tuple[jax.Array, jax.Array]:
+    """Grouped SwiGLU in which every slot computes with its own buffer size, so a device's time follows the
+    rows it holds (the sum over its slots, each rounded up to a compiled size), not ``S x`` its fullest slot.
+
+    rows: [R, M]; slot: [R] local slot in ``0..S-1`` (``S`` = padding); w: weights with leading axis S.
+    capacity: compiled rows per slot buffer, ascending. Each slot picks, on the device, the smallest that
+    holds its rows, or none when it has no rows (one ``lax.switch`` per slot, over its own weights; see
+    :func:`moeless_jax.moe.capacity.slotwise_rows` for its host twin); rows past the largest go through the
+    ragged overflow path of :func:`capacity_swiglu`, and rows past that are not computed and are counted.
+    Returns (y [R, M] with padding rows zero, uncomputed row count []).
+    """
+    capacities = checked_capacities(capacity)
+    largest, num_slots = capacities[-1], w.gate.shape[0]
+    real = slot < num_slots
+    position, counts = rank_within_group(slot, num_slots + 1)
+    fits = real & (position < largest)
+    spill = real & ~fits
+    # Row index of each (slot, position < largest) buffer entry; empty entries name a zero row.
+    source = jnp.full(num_slots * largest, rows.shape[0], jnp.int32)
+    source = source.at[jnp.where(fits, slot * largest + position, num_slots * largest)].set(
+        jnp.arange(rows.shape[0], dtype=jnp.int32), mode="drop"
+    )
+    padded = jnp.concatenate([rows, jnp.zeros((1, rows.shape[-1]), rows.dtype)])
+    source = source.reshape(num_slots, largest)
+
+    def sized(size: int):
+        def run(padded, sources, weights):
+            y = swiglu(padded[sources[:size]], weights)
+            # Pad rather than write into a zero buffer: inside shard_map, XLA:CPU 0.11.2 crashed compiling
+            # the full-size update (`zeros.at[:largest].set(y)`).
+            return jnp.pad(y, ((0, largest - size), (0, 0)))
+
+        return run
+
+    def empty(padded, sources, weights):
+        # An empty slot (a spare one, or an expert nobody chose) computes nothing. The zeros are derived from
+        # the rows so that, inside shard_map, they vary over the mesh as the other branches' outputs do.
+        return jnp.zeros((largest, padded.shape[-1]), padded.dtype) + 0 * padded[:1]
+
+    branches = [empty, *(sized(c) for c in capacities)]
+
+    def one_slot(s: int) -> jax.Array:
+        weights = MLPWeights(w.gate[s], w.up[s], w.down[s])
+        branch = jnp.where(counts[s] == 0, 0, 1 + jnp.sum(jnp.asarray(capacities) < counts[s]))
+        return jax.lax.switch(jnp.minimum(branch, len(capacities)).astype(jnp.int32), branches, padded,
+                              source[s], weights)
+
+    buffers = jnp.stack([one_slot(s) for s in range(num_slots)])  # [S, largest, M]
+    got = buffers.at[slot, jnp.minimum(position, largest - 1)].get(mode="clip")
+    y = jnp.where(fits[:, None], got, 0)
+    spill_sizes = _overflow_group_sizes(slot, spill, num_slots, overflow_rows)
+    # The ragged overflow kernels run only when some slot spilled past the largest buffer.
+    y = jax.lax.cond(
+        jnp.any(spill),
+        lambda y: y + _overflow_swiglu(rows, slot, spill, spill_sizes, w, overflow_rows),
+        lambda y: y,
+        y,
+    )
+    return y, (jnp.sum(spill) - jnp.sum(spill_sizes)).astype(jnp.int32)

@@ -23,7 +23,14 @@ from jax.sharding import PartitionSpec as P
 from moeless_jax.moe.capacity import Buffers, default_buffers
 from moeless_jax.moe.config import MoEConfig
 from moeless_jax.moe.dispatch import BACKENDS, assign_slots
-from moeless_jax.moe.experts import MLPWeights, capacity_swiglu, grouped_swiglu, init_mlp_weights, swiglu
+from moeless_jax.moe.experts import (
+    MLPWeights,
+    capacity_swiglu,
+    grouped_swiglu,
+    init_mlp_weights,
+    slotwise_swiglu,
+    swiglu,
+)
 from moeless_jax.moe.replica_table import ReplicaTable, TableArrays
 from moeless_jax.moe.router import Routing, route, router_loss_sums, router_losses
 from moeless_jax.moe.slot_weights import (
@@ -260,7 +267,8 @@ def _moe_shard(params: MoEParams, table: TableArrays, x: jax.Array, *given, conf
     if buffers.slot_rows is None:
         y_rows, uncomputed = grouped_swiglu(rows, local_slot, params.experts), jnp.int32(0)
     else:
-        y_rows, uncomputed = capacity_swiglu(
+        kernel = slotwise_swiglu if config.expert_kernel == "slotwise" else capacity_swiglu
+        y_rows, uncomputed = kernel(
             rows, local_slot, params.experts, capacity=buffers.slot_rows, overflow_rows=buffers.overflow_rows
         )
     y_assign = receive(y_rows, state, num_devices=config.num_devices, axis_name=EP_AXIS)
