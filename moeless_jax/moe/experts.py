@@ -99,19 +99,27 @@ def capacity_swiglu(
 
 def _slot_buffer_swiglu(rows, slot, position, fits, w: MLPWeights, capacity: int) -> jax.Array:
     """Rows with ``fits`` through their slot's SwiGLU in a ``[S, capacity, M]`` buffer; others get 0."""
-    num_rows, num_slots = rows.shape[0], w.gate.shape[0]
-    # Fill the buffer by a gather (each buffer row names its source row; empty ones name a zero row) rather
-    # than a scatter of whole rows: only the int32 index is scattered.
-    source = jnp.full(num_slots * capacity, num_rows, jnp.int32)
-    source = source.at[jnp.where(fits, slot * capacity + position, num_slots * capacity)].set(
-        jnp.arange(num_rows, dtype=jnp.int32), mode="drop"
-    )
-    padded = jnp.concatenate([rows, jnp.zeros((1, rows.shape[-1]), rows.dtype)])
+    num_slots = w.gate.shape[0]
+    padded, source = _buffer_sources(rows, slot, position, fits, num_slots, capacity)
     buffer = padded[source].reshape(num_slots, capacity, rows.shape[-1])
     h = jax.nn.silu(jnp.einsum("scm,smf->scf", buffer, w.gate)) * jnp.einsum("scm,smf->scf", buffer, w.up)
     y_buffer = jnp.einsum("scf,sfm->scm", h, w.down)
     got = y_buffer.at[slot, jnp.minimum(position, capacity - 1)].get(mode="clip")
     return jnp.where(fits[:, None], got, 0)
+
+
+def _buffer_sources(rows, slot, position, fits, num_slots: int, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """(rows with a zero row appended [R + 1, M], source row of every slot-buffer entry [S * capacity]).
+
+    Entry ``s * capacity + i`` names the row at position ``i`` of slot ``s`` (rows with ``fits``); empty
+    entries name the zero row. Buffers are then filled by a gather: only the int32 index is scattered.
+    """
+    num_rows = rows.shape[0]
+    source = jnp.full(num_slots * capacity, num_rows, jnp.int32)
+    source = source.at[jnp.where(fits, slot * capacity + position, num_slots * capacity)].set(
+        jnp.arange(num_rows, dtype=jnp.int32), mode="drop"
+    )
+    return jnp.concatenate([rows, jnp.zeros((1, rows.shape[-1]), rows.dtype)]), source
 
 
 def _overflow_group_sizes(slot, spill, num_slots: int, overflow_rows: int) -> jax.Array:
@@ -150,12 +158,7 @@ def slotwise_swiglu(
     position, counts = rank_within_group(slot, num_slots + 1)
     fits = real & (position < largest)
     spill = real & ~fits
-    # Row index of each (slot, position < largest) buffer entry; empty entries name a zero row.
-    source = jnp.full(num_slots * largest, rows.shape[0], jnp.int32)
-    source = source.at[jnp.where(fits, slot * largest + position, num_slots * largest)].set(
-        jnp.arange(rows.shape[0], dtype=jnp.int32), mode="drop"
-    )
-    padded = jnp.concatenate([rows, jnp.zeros((1, rows.shape[-1]), rows.dtype)])
+    padded, source = _buffer_sources(rows, slot, position, fits, num_slots, largest)
     source = source.reshape(num_slots, largest)
 
     def sized(size: int):
