@@ -24,6 +24,18 @@ def require(condition: bool, field: str, message: str) -> None:
         raise ConfigError(f"{field}: {message}")
 
 
+def is_positive_int(value: object) -> bool:
+    """An ``int`` (not a ``bool``) that is at least 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def require_positive_ints(config: object, *names: str) -> None:
+    """Raise :class:`ConfigError` for the first field of ``config`` among ``names`` not a positive int."""
+    for name in names:
+        value = getattr(config, name)
+        require(is_positive_int(value), name, f"must be a positive integer, got {value!r}")
+
+
 def config_from_dict[C](cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
     """Build the dataclass ``cls`` from a mapping, rejecting unknown keys."""
     if not isinstance(data, dict):

@@ -11,7 +11,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 
-from moeless_jax.config import load_config, require
+from moeless_jax.config import load_config, require, require_positive_ints
 
 # Beginnings of chat prompts: the shipped models learned from prompts (each followed by end-of-text), so a
 # finished question is most often followed by end-of-text, and an unfinished one is continued.
@@ -46,9 +46,7 @@ class ModelDemoConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", tuple(self.prompts))
-        for name in ("num_devices", "max_new_tokens", "history_window"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        require_positive_ints(self, "num_devices", "max_new_tokens", "history_window")
         require(len(self.prompts) >= 1, "prompts", "needs at least one prompt")
         empty = [i for i, p in enumerate(self.prompts) if not str(p).strip()]
         require(not empty, "prompts", f"prompt {empty[:1]} is empty; every prompt needs text")

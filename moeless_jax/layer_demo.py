@@ -11,7 +11,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 
-from moeless_jax.config import load_config, require
+from moeless_jax.config import load_config, require, require_positive_ints
 from moeless_jax.devices import local_devices
 
 
@@ -30,9 +30,10 @@ class DemoConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "d_model", "d_ff", "num_experts", "top_k", "num_devices", "slots_per_device"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        require_positive_ints(
+            self,
+            "tokens", "d_model", "d_ff", "num_experts", "top_k", "num_devices", "slots_per_device"
+        )
         require(
             self.tokens % self.num_devices == 0,
             "tokens",

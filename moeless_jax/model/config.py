@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeless_jax.config import ConfigError, config_from_dict, load_config, require
+from moeless_jax.config import (
+    ConfigError,
+    config_from_dict,
+    is_positive_int,
+    load_config,
+    require,
+    require_positive_ints,
+)
 from moeless_jax.moe.config import DTYPES, MoEConfig
 
 
@@ -56,7 +63,7 @@ class MoESection:
 
     def __post_init__(self) -> None:
         slots = self.slots_per_device
-        require(slots is None or (_is_int(slots) and slots >= 1), "moe.slots_per_device",
+        require(slots is None or is_positive_int(slots), "moe.slots_per_device",
                 f"must be a positive integer or null, got {slots!r}")
         for name in ("load_balance_weight", "router_z_weight"):
             value = getattr(self, name)
@@ -121,10 +128,10 @@ class ModelConfig:
         if isinstance(self.moe, dict):
             object.__setattr__(self, "moe", config_from_dict(MoESection, self.moe, source="moe"))
         require(isinstance(self.moe, MoESection), "moe", f"must be a mapping of MoE fields, got {self.moe!r}")
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                     "max_seq_len"):
-            value = getattr(self, name)
-            require(_is_int(value) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        require_positive_ints(
+            self,
+            "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "max_seq_len"
+        )
         require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
                 f"{self.num_kv_heads} does not divide num_heads {self.num_heads}; grouped-query attention "
                 "shares each key/value head among num_heads / num_kv_heads query heads")
@@ -139,7 +146,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ derived
     def moe_config(self, num_devices: int) -> MoEConfig:
         """The :class:`MoEConfig` of each block's MoE layer on ``num_devices`` devices of the ``ep`` axis."""
-        require(_is_int(num_devices) and num_devices >= 1, "num_devices",
+        require(is_positive_int(num_devices), "num_devices",
                 f"must be a positive integer, got {num_devices!r}")
         slots = self.moe.slots_per_device or default_slots_per_device(self.moe.num_experts, num_devices)
         return self.moe.layer_config(
@@ -167,10 +174,6 @@ class ModelConfig:
 def config_from_mapping(data: dict[str, Any], *, source: str = "model config") -> ModelConfig:
     """Build a :class:`ModelConfig` from :meth:`ModelConfig.to_dict` output, rejecting unknown keys."""
     return config_from_dict(ModelConfig, data, source=source)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moeless_jax.config import ConfigError, require
+from moeless_jax.config import ConfigError, require, require_positive_ints
 from moeless_jax.errors import InputError
 from moeless_jax.model.checkpoint import save_model
 from moeless_jax.model.config import ModelConfig, preset
@@ -73,10 +73,10 @@ class TrainConfig:
     dtype: str | None = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "num_devices", "eval_every", "eval_batches",
-                     "checkpoint_every"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        require_positive_ints(
+            self,
+            "steps", "batch_size", "seq_len", "num_devices", "eval_every", "eval_batches", "checkpoint_every"
+        )
         require(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.steps, "warmup_steps",
                 f"must lie in 0..steps-1={self.steps - 1}, got {self.warmup_steps!r}")
         require(self.batch_size % self.num_devices == 0, "batch_size",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, get_args
 
-from moeless_jax.config import require
+from moeless_jax.config import require, require_positive_ints
 
 RouterKind = Literal["mixtral", "deepseek", "deepseek_v3"]
 ROUTERS: tuple[str, ...] = get_args(RouterKind)
@@ -105,9 +105,10 @@ class MoEConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "d_ff", "num_experts", "top_k", "num_devices", "slots_per_device"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        require_positive_ints(
+            self,
+            "d_model", "d_ff", "num_experts", "top_k", "num_devices", "slots_per_device"
+        )
         require(
             self.top_k <= self.num_experts,
             "top_k",
@@ -120,9 +121,7 @@ class MoEConfig:
             f"experts once each; use slots_per_device >= {-(-self.num_experts // self.num_devices)}",
         )
         require(self.router in ROUTERS, "router", f"'{self.router}' is not one of {'|'.join(ROUTERS)}")
-        for name in ("num_expert_groups", "topk_groups"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        require_positive_ints(self, "num_expert_groups", "topk_groups")
         require(
             self.num_experts % self.num_expert_groups == 0,
             "num_expert_groups",

@@ -9,11 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from moeless_jax.config import require
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+from moeless_jax.config import is_positive_int, require, require_positive_ints
 
 
 @dataclass(frozen=True)
@@ -30,9 +26,7 @@ class SlotLayout:
     max_replicas: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("num_experts", "num_devices", "slots_per_device"):
-            value = getattr(self, name)
-            require(_positive_int(value), name, f"must be a positive integer, got {value!r}")
+        require_positive_ints(self, "num_experts", "num_devices", "slots_per_device")
         require(
             self.num_slots >= self.num_experts,
             "slots_per_device",
@@ -42,7 +36,8 @@ class SlotLayout:
         )
         if self.max_replicas is not None:
             require(
-                _positive_int(self.max_replicas) and self.num_experts <= self.max_replicas <= self.num_slots,
+                is_positive_int(self.max_replicas)
+                and self.num_experts <= self.max_replicas <= self.num_slots,
                 "max_replicas",
                 f"must be between num_experts {self.num_experts} and the {self.num_slots} slots, "
                 f"got {self.max_replicas!r}",
@@ -74,7 +69,7 @@ class TopologyConfig:
 
     def __post_init__(self) -> None:
         require(
-            self.devices_per_node is None or _positive_int(self.devices_per_node),
+            self.devices_per_node is None or is_positive_int(self.devices_per_node),
             "devices_per_node",
             f"must be a positive integer or null, got {self.devices_per_node!r}",
         )
@@ -147,9 +142,7 @@ class EPLBConfig:
     num_nodes: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("window", "period", "num_groups", "num_nodes"):
-            value = getattr(self, name)
-            require(_positive_int(value), name, f"must be a positive integer, got {value!r}")
+        require_positive_ints(self, "window", "period", "num_groups", "num_nodes")
 
 
 @dataclass(frozen=True)
@@ -179,7 +172,7 @@ class ReplicateConfig:
 
     def __post_init__(self) -> None:
         require(
-            self.replicas is None or _positive_int(self.replicas),
+            self.replicas is None or is_positive_int(self.replicas),
             "replicas",
             f"must be a positive integer or null (as many as fit), got {self.replicas!r}",
         )

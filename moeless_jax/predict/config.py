@@ -9,14 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from moeless_jax.config import require
+from moeless_jax.config import is_positive_int, require, require_positive_ints
 
 HistoryMode = Literal["cumulative", "window", "ema"]
 PARAM_DTYPES = ("float32", "float16", "bfloat16")
 
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass(frozen=True)
@@ -37,7 +34,7 @@ class HistoryConfig:
     def __post_init__(self) -> None:
         require(self.mode in ("cumulative", "window", "ema"), "mode",
                 f"must be cumulative, window or ema, got {self.mode!r}")
-        require(_positive_int(self.window), "window", f"must be a positive integer, got {self.window!r}")
+        require(is_positive_int(self.window), "window", f"must be a positive integer, got {self.window!r}")
         require(isinstance(self.ema_alpha, int | float) and 0.0 < self.ema_alpha <= 1.0, "ema_alpha",
                 f"must lie in (0, 1], got {self.ema_alpha!r}")
 
@@ -80,9 +77,7 @@ class RoutingOnlyConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "window", "steps", "tokens_per_step"):
-            value = getattr(self, name)
-            require(_positive_int(value), name, f"must be a positive integer, got {value!r}")
+        require_positive_ints(self, "hidden", "window", "steps", "tokens_per_step")
         require(isinstance(self.own_layers, int) and 0 <= self.own_layers <= self.window, "own_layers",
                 f"must lie in 0..window ({self.window}), got {self.own_layers!r}")
         require(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.steps, "warmup_steps",
@@ -124,8 +119,6 @@ class GateTuneConfig:
     def __post_init__(self) -> None:
         require(0.0 <= self.threshold <= 1.0, "threshold", f"must lie in [0, 1], got {self.threshold!r}")
         require(0.0 < self.split < 1.0, "split", f"must lie strictly between 0 and 1, got {self.split!r}")
-        for name in ("steps", "batch_size", "val_batch_tokens"):
-            value = getattr(self, name)
-            require(_positive_int(value), name, f"must be a positive integer, got {value!r}")
+        require_positive_ints(self, "steps", "batch_size", "val_batch_tokens")
         require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate!r}")
         require(isinstance(self.seed, int), "seed", f"must be an int, got {self.seed!r}")
