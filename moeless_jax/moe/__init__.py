@@ -38,6 +38,7 @@ from moeless_jax.moe.reference import dense_moe_reference
 from moeless_jax.moe.replica_table import EMPTY, ReplicaTable, ReplicaTableError, TableArrays
 from moeless_jax.moe.router import Routing, route, router_losses
 from moeless_jax.moe.slot_weights import Move, MovePlan, apply_moves, materialize_slot_weights, plan_moves
+from moeless_jax.moe.weight_moves import SlotMoves, move_slot_weights, moved_bytes, slot_moves
 
 __all__ = [
     "DATA_AXIS",
@@ -57,6 +58,7 @@ __all__ = [
     "RouterBias",
     "Routing",
     "ShapeError",
+    "SlotMoves",
     "SwiGLUWeights",
     "TableArrays",
     "apply_moves",
@@ -73,9 +75,12 @@ __all__ = [
     "make_ep_mesh",
     "materialize_slot_weights",
     "moe_forward",
+    "move_slot_weights",
+    "moved_bytes",
     "place",
     "plan_moves",
     "route",
+    "slot_moves",
     "slotwise_swiglu",
     "router_losses",
     "swiglu",
