@@ -7,6 +7,8 @@ package does not import jax, and only the ``balanced`` split of the metrics does
 - :mod:`~moeless_jax.plan.policies`: static EP, EPLB, MoEless, Oracle, token drop and fixed replication
   behind one interface.
 - :mod:`~moeless_jax.plan.metrics`: how a table splits load over devices, and balancedness.
+- :mod:`~moeless_jax.plan.on_device`: the scaler and placer as jittable JAX, for planning inside a step
+  (imported from its module, not from here, since it needs jax).
 """
 
 from moeless_jax.plan.budget import limit_moves
