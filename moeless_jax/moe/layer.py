@@ -70,7 +70,9 @@ class MoEOutput(NamedTuple):
     expert_counts: [E] assignments per logical expert; overflow: [] assignments that did not fit the
     dispatch buffer (always 0 with the worst-case buffer; non-zero means y is incomplete: retry larger);
     load_balance_loss: [] Switch/Mixtral auxiliary loss, 1.0 when balanced (0 for a given routing);
-    router_z_loss: [] mean squared logsumexp of the router logits (0 for a given routing).
+    router_z_loss: [] mean squared logsumexp of the router logits (0 for a given routing);
+    expert_ids: [T, K] int32 each token's logical experts (sharded like y): what an in-step forecaster
+    reads of this layer's routing (RoutingOnly), before the experts have run.
     """
 
     y: jax.Array
@@ -79,6 +81,7 @@ class MoEOutput(NamedTuple):
     overflow: jax.Array
     load_balance_loss: jax.Array
     router_z_loss: jax.Array
+    expert_ids: jax.Array
 
 
 def make_ep_mesh(
@@ -196,7 +199,7 @@ def moe_forward(
         shard,
         mesh=mesh,
         in_specs=(specs, TableArrays(P(), P(), P()), tokens, *(tokens for _ in extra)),
-        out_specs=MoEOutput(tokens, P(), P(), P(), P(), P()),
+        out_specs=MoEOutput(tokens, P(), P(), P(), P(), P(), tokens),
     )(params, table, x, *extra)
     # The output takes the layout the input came with, so the layer drops into any model's sharding.
     return out if given_spec is None else out._replace(y=jax.reshard(out.y, NamedSharding(mesh, given_spec)))
@@ -294,6 +297,7 @@ def _moe_shard(params: MoEParams, table: TableArrays, x: jax.Array, *given, conf
         jax.lax.psum(state.overflow + uncomputed, token_axes),
         balance,
         z,
+        routing.expert_ids.astype(jnp.int32),
     )
 
 

@@ -5,6 +5,7 @@
 - :mod:`~moeless_jax.predict.routing_only`: :class:`RoutingOnly`, a per-token routing-transition network.
 - :mod:`~moeless_jax.predict.layer_stream`: RoutingOnly one layer at a time (:func:`forecast_step` inside a
   jitted step, :class:`LayerStream` on the host).
+- :mod:`~moeless_jax.predict.in_step`: gate and RoutingOnly forecasts on token-sharded arrays, inside a step.
 - :mod:`~moeless_jax.predict.gate`: :class:`GateReuse` and :class:`MoElessPredictor` (fine-tuned gate copies).
 - :mod:`~moeless_jax.predict.oracle`: :class:`Oracle`, the true load (upper bound).
 - :mod:`~moeless_jax.predict.metrics`: accuracy (1 - TV), hot-expert recall, Pearson r, timing.
@@ -25,6 +26,7 @@ _EXPORTS = {
     "config": ("GateTuneConfig", "HistoryConfig", "RoutingOnlyConfig"),
     "gate": ("GateReuse", "MoElessPredictor", "fine_tune_gate"),
     "history": ("History",),
+    "in_step": ("RoutingOnlyStream", "StreamInputs", "gate_loads"),
     "layer_stream": ("LayerStream", "StreamState", "forecast_step", "init_state"),
     "metrics": ("Scores", "default_hot", "hot_expert_recall", "load_accuracy", "pearson", "score_batches",
                 "time_per_layer"),
