@@ -22,3 +22,10 @@ def test_train_and_controller_configs_load():
         assert config.model == name and config.model_config().moe.split == "balanced"
     controller = load_config(ControllerConfig, CONFIGS / "controller.yaml")
     assert controller.policy == "moeless" and controller.split == "balanced"
+
+
+def test_layer_ahead_config_repeats_the_defaults():
+    from moeless_jax.replication import LayerAheadConfig
+
+    loaded = load_config(LayerAheadConfig, CONFIGS / "layer_ahead.yaml", section="layer_ahead")
+    assert loaded == LayerAheadConfig()

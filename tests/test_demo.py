@@ -72,3 +72,15 @@ def test_generate_rejects_an_empty_prompt_in_one_line():
     assert done.returncode == 2
     want = "moeless generate: error: --prompt number 1 is empty; every prompt needs text"
     assert done.stderr.strip() == want
+
+
+def test_generate_layer_ahead_refuses_a_forecaster_it_cannot_load(tmp_path):
+    config = tmp_path / "la.yaml"
+    config.write_text("layer_ahead:\n  forecaster: routing_only\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "moeless_jax.cli", "generate", "--prompt", "Hi", "--layer-ahead", str(config)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 2
+    assert "--layer-ahead: forecaster 'routing_only' needs a fitted predictor" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -42,3 +42,28 @@ def test_controller_keeps_the_tokens_and_installs_tables_within_budget(models):
 def test_device_balancedness():
     counts = np.array([[4, 0, 4, 0], [8, 0, 0, 0], [0, 0, 0, 0]])  # 2 devices x 2 slots
     np.testing.assert_allclose(device_balancedness(counts, 2), [1.0, 0.5, 1.0])
+
+
+def _hot_model(mesh):
+    model = MoETransformer(MODEL, mesh=mesh, rngs=nnx.Rngs(0))
+    for layer in model.moe_layers():  # a hot expert, so forecasts ask for replicas
+        layer.router.set_value(layer.router[...].at[:, 0].add(1.0))
+    return model
+
+
+def test_layer_ahead_and_controller_together_keep_the_tokens():
+    """Layer-ahead inside the prefill (8 tokens per device; the 1-token decode steps decline) and the
+    controller between steps, on one model."""
+    from moeless_jax.replication import LayerAhead, LayerAheadConfig
+
+    mesh = make_ep_mesh(8)
+    static = generate_live(_hot_model(mesh), PROMPTS, 10)
+    live = generate_live(_hot_model(mesh), PROMPTS, 10,
+                         controller=ControllerConfig(policy="moeless", max_moves_per_layer=3),
+                         layer_ahead=LayerAhead(LayerAheadConfig(min_tokens_per_device=2)))
+    assert live.tokens == static.tokens
+    assert live.weight_copies.shape == (10, 2)
+    assert live.weight_copies[0, 0] == 0 and live.weight_copies[0, 1] > 0  # prefill: layer 1 moved
+    assert live.weight_copies[1:].sum() == 0  # decode steps declined
+    assert live.summary()["layer_ahead_weight_copies"] == int(live.weight_copies.sum())
+    assert static.weight_copies is None and static.summary()["layer_ahead_weight_copies"] is None

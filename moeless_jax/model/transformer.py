@@ -31,6 +31,8 @@ from moeless_jax.moe.capacity import Buffers, buffer_ladder
 from moeless_jax.moe.experts import MLPWeights
 from moeless_jax.moe.layer import EP_AXIS, MoELayer, MoEOutput, place
 from moeless_jax.moe.replica_table import ReplicaTable
+from moeless_jax.predict.in_step import RoutingOnlyStream
+from moeless_jax.replication.layer_ahead import LayerAhead
 
 Cache = tuple[KVCache, ...]
 # The MoE layer's table-dependent state: rebuilt from its logical experts and a table, never stored.
@@ -51,6 +53,8 @@ class ModelOutput(NamedTuple):
     router_z_loss:     [] float32 the layers' router z-loss, mean over layers.
     cache:             the per-layer :class:`KVCache` with this call's tokens appended, or None.
     gate_inputs:       [L, B, T, M] the normed hidden states each MoE layer routed, when asked for.
+    weight_copies:     [L, D] int32 slot weights each device of the ``ep`` axis received, per layer, from
+                       layer-ahead replication in this call (zeros without it).
     """
 
     logits: jax.Array
@@ -61,6 +65,7 @@ class ModelOutput(NamedTuple):
     router_z_loss: jax.Array
     cache: Cache | None = None
     gate_inputs: jax.Array | None = None
+    weight_copies: jax.Array | None = None
 
 
 class Block(nnx.Module):
@@ -185,12 +190,16 @@ class MoETransformer(nnx.Module):
         cache: Cache | None = None,
         buffers: Buffers | None = None,
         return_gate_inputs: bool = False,
+        layer_ahead: LayerAhead | None = None,
     ) -> ModelOutput:
         """``tokens [B, T]`` int32 -> :class:`ModelOutput` (B a multiple of the mesh's device count).
 
         ``positions [B, T]`` feed RoPE (default: each sequence's cache length onward, or 0..T-1). With a
         ``cache``, each sequence's tokens are appended at its own length and attend to everything before.
         ``buffers`` (static) sizes every MoE layer's buffers (default: the layer's own first rung).
+        ``layer_ahead``: replicate layer-ahead in this call (:mod:`moeless_jax.replication.layer_ahead`):
+        layer ``l + 1``'s table is planned and its weights moved during layer ``l``, in place (under
+        ``nnx.jit`` the new tables persist). Outputs are those of the tables the call started with.
         """
         self._check_tokens(tokens, cache)
         b, t = tokens.shape
@@ -200,10 +209,12 @@ class MoETransformer(nnx.Module):
             positions = start + jnp.arange(t, dtype=jnp.int32)[None, :]
         positions = place(jnp.asarray(positions, jnp.int32), self.mesh, batch_sharding(self.mesh, 2).spec)
         x = self._embed(tokens)
+        ahead = _LayerAheadRun.start(self, layer_ahead, positions)
         new_cache, outs, gate_inputs = [], [], []
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
             x, layer_cache, moe, gate_input = block(x, positions, layer_cache, buffers)
+            ahead.after_layer(i, gate_input.reshape(b * t, -1), moe)
             new_cache.append(layer_cache)
             outs.append(moe)
             if return_gate_inputs:
@@ -220,6 +231,7 @@ class MoETransformer(nnx.Module):
             router_z_loss=jnp.mean(jnp.stack([o.router_z_loss for o in outs])),
             cache=None if cache is None else tuple(new_cache),
             gate_inputs=jnp.stack(gate_inputs) if return_gate_inputs else None,
+            weight_copies=ahead.copies(),
         )
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
@@ -299,6 +311,40 @@ class MoETransformer(nnx.Module):
                 raise InputError(f"array {name!r} has shape {value.shape}; the config needs {current.shape}")
             setter(jax.device_put(jnp.asarray(value, current.dtype), current.sharding))
         return model
+
+
+class _LayerAheadRun:
+    """One call's layer-ahead replication: after layer ``l`` routes, plan and move layer ``l + 1``."""
+
+    def __init__(self, model: MoETransformer, layer_ahead: LayerAhead | None, state):
+        self.model, self.layer_ahead, self.state = model, layer_ahead, state
+        self.moves = [jnp.zeros(model.mesh.shape[EP_AXIS], jnp.int32)]
+
+    @classmethod
+    def start(cls, model: MoETransformer, layer_ahead: LayerAhead | None, positions: jax.Array):
+        b, t = positions.shape
+        if layer_ahead is None or not layer_ahead.active(b * t, model.mesh):
+            return cls(model, None, None)
+        layers = model.moe_layers()
+        layer_ahead.check_stack(layers)
+        inputs = None
+        if layer_ahead.stream is not None:
+            inputs = RoutingOnlyStream.inputs_for_rows(b, t, positions, model.mesh)
+        return cls(model, layer_ahead, layer_ahead.begin(b * t, model.mesh, inputs))
+
+    def after_layer(self, index: int, gate_input: jax.Array, out: MoEOutput) -> None:
+        layers = self.model.moe_layers()
+        if self.layer_ahead is None or index + 1 >= len(layers):
+            return
+        following = layers[index + 1]
+        self.state, forecast = self.layer_ahead.forecast(self.state, index, gate_input, out, following)
+        self.moves.append(self.layer_ahead.install(following, forecast).moves)
+
+    def copies(self) -> jax.Array:
+        """``[L, D]`` weight copies per layer and device (zeros past the last installed layer)."""
+        num_layers = len(self.model.layers)
+        pad = [jnp.zeros_like(self.moves[0])] * (num_layers - len(self.moves))
+        return jnp.stack(self.moves + pad)
 
 
 def _per_layer(value, layers: int, name: str) -> list:
@@ -398,10 +444,10 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array) -> jax.Ar
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-@nnx.jit(static_argnames=("buffers",))
-def _prefill_step(model: MoETransformer, tokens, cache, lengths, key, temperature, buffers):
+@nnx.jit(static_argnames=("buffers", "layer_ahead"))
+def _prefill_step(model: MoETransformer, tokens, cache, lengths, key, temperature, buffers, layer_ahead=None):
     """Run right-padded prompts ``[B, T]``; sample each row's next token after its last prompt token."""
-    out = model(tokens, cache=cache, buffers=buffers)
+    out = model(tokens, cache=cache, buffers=buffers, layer_ahead=layer_ahead)
     last = jax.nn.one_hot(lengths - 1, tokens.shape[1], dtype=out.logits.dtype)  # [B, T]
     # Sum over one-hot weights (exact: one term is x, the others 0): no gather across the sharded batch.
     last_logits = jnp.einsum("bt,btv->bv", last, out.logits, precision=jax.lax.Precision.HIGHEST)
@@ -410,10 +456,10 @@ def _prefill_step(model: MoETransformer, tokens, cache, lengths, key, temperatur
     return _sample(last_logits, key, temperature), out._replace(cache=cache)
 
 
-@nnx.jit(static_argnames=("buffers",))
-def _decode_step(model: MoETransformer, tokens, cache, key, temperature, buffers):
+@nnx.jit(static_argnames=("buffers", "layer_ahead"))
+def _decode_step(model: MoETransformer, tokens, cache, key, temperature, buffers, layer_ahead=None):
     """One token per sequence ``[B, 1]`` through the cache; sample each row's next token."""
-    out = model(tokens, cache=cache, buffers=buffers)
+    out = model(tokens, cache=cache, buffers=buffers, layer_ahead=layer_ahead)
     return _sample(out.logits[:, 0], key, temperature), out
 
 
@@ -435,6 +481,7 @@ def generate(
     seed: int = 0,
     eos_id: int | None = None,
     on_step: Callable[[ModelOutput], None] | None = None,
+    layer_ahead: LayerAhead | None = None,
 ) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns the new tokens of each prompt.
 
@@ -444,7 +491,9 @@ def generate(
     tokens are sampled from ``softmax(logits / temperature)`` with ``seed``. A sequence stops after
     emitting ``eos_id`` (included). ``on_step(output)`` sees every step's :class:`ModelOutput` (prefill
     first), e.g. to read ``expert_counts [L, E]`` and change the MoE layers' tables between steps; the
-    counts include padding and dummy rows, which load the experts like real tokens.
+    counts include padding and dummy rows, which load the experts like real tokens. ``layer_ahead``
+    replicates layer-ahead inside every step large enough for it (the same object for every call: it is part
+    of the compiled step); the tokens are those of the static tables.
     """
     prompts = _checked_prompts(model.config, prompt_ids, max_new_tokens, temperature, eos_id)
     n, devices = len(prompts), model.num_devices
@@ -465,7 +514,7 @@ def generate(
     ladder = model.buffer_ladder(batch, width)
     token, out = _dropless(
         lambda buffers: _prefill_step(model, tokens, cache, row_lengths, jax.random.fold_in(base_key, 0),
-                                      temp, buffers),
+                                      temp, buffers, layer_ahead),
         ladder,
     )
     decode_ladder = model.buffer_ladder(batch, 1)
@@ -485,7 +534,7 @@ def generate(
         tokens = jax.device_put(chosen[:, None], batch_sharding(mesh, 2))
         token, out = _dropless(
             lambda buffers, tokens=tokens, cache=cache, key=key: _decode_step(
-                model, tokens, cache, key, temp, buffers
+                model, tokens, cache, key, temp, buffers, layer_ahead
             ),
             decode_ladder,
         )

@@ -5,6 +5,8 @@
   move budget; :class:`ReplicatedModel` / :class:`ReplicatedLayer` say what a model must expose.
 - :mod:`~moeless_jax.replication.forecast`: forecasters fed by observed loads (history window, EMA, scripted).
 - :mod:`~moeless_jax.replication.config`: :class:`ControllerConfig`.
+- :mod:`~moeless_jax.replication.layer_ahead`: :class:`LayerAhead`, replication inside the step: layer
+  ``l + 1``'s table forecast, planned and moved on the devices while layer ``l`` runs.
 """
 
 from moeless_jax.replication.config import CONTROLLER_POLICIES, ControllerConfig
@@ -17,12 +19,24 @@ from moeless_jax.replication.controller import (
     StepRecord,
 )
 from moeless_jax.replication.forecast import Forecaster, HistoryForecaster, ScriptedForecaster
+from moeless_jax.replication.layer_ahead import (
+    FORECASTERS,
+    Installed,
+    LayerAhead,
+    LayerAheadConfig,
+    install_ahead,
+    layer_ahead_stack,
+)
 
 __all__ = [
     "CONTROLLER_POLICIES",
+    "FORECASTERS",
     "ControllerConfig",
     "Forecaster",
     "HistoryForecaster",
+    "Installed",
+    "LayerAhead",
+    "LayerAheadConfig",
     "LayerConfig",
     "ReplicatedLayer",
     "ReplicatedModel",
@@ -30,4 +44,6 @@ __all__ = [
     "ReplicationLog",
     "ScriptedForecaster",
     "StepRecord",
+    "install_ahead",
+    "layer_ahead_stack",
 ]

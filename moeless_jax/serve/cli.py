@@ -1,10 +1,13 @@
 """``moeless generate``: prompts to text with a trained model, batched, through the KV cache.
 
 ``moeless generate --prompt TEXT [--prompt TEXT ...] [--checkpoint DIR | --preset NAME] [--max-new-tokens N]
-[--temperature T] [--seed S] [--devices D] [--replication {moeless,eplb,static}] [--json]``
+[--temperature T] [--seed S] [--devices D] [--replication {moeless,eplb,static}] [--layer-ahead [YAML]]
+[--json]``
 
 The default model is the shipped Mixtral-shaped checkpoint. ``--replication`` runs the replication controller
-between steps (the text does not change; the report says how evenly the devices were loaded).
+between steps; ``--layer-ahead`` replicates inside each step, layer ``l + 1`` planned and moved during layer
+``l`` (settings from a YAML ``layer_ahead:`` section, default ``LayerAheadConfig()``). The text does not
+change; the report says how evenly the devices were loaded and how many slot weights were copied.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--devices", type=int, default=1, help="devices on the ep axis (host CPU devices on CPU)")
     p.add_argument("--replication", choices=("moeless", "eplb", "static"),
                    help="run the replication controller with this policy between steps")
+    p.add_argument("--layer-ahead", nargs="?", const="", metavar="YAML",
+                   help="replicate layer-ahead inside each step (optional YAML with a layer_ahead: section)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -41,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     empty = [i for i, p in enumerate(args.prompt) if not p.strip()]
     if empty:
         raise InputError(f"--prompt number {empty[0] + 1} is empty; every prompt needs text")
+    layer_ahead = _layer_ahead(args.layer_ahead)  # a bad config fails before the model loads
     from moeless_jax.devices import local_devices
     from moeless_jax.model.shipped import shipped_checkpoint
 
@@ -61,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         controller = ControllerConfig(policy=args.replication, split=model.moe_layers()[0].config.split)
     prompt_ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in args.prompt]
     run = generate_live(model, prompt_ids, args.max_new_tokens, controller=controller,
-                        temperature=args.temperature, seed=args.seed, eos_id=tokenizer.eos_id)
+                        layer_ahead=layer_ahead, temperature=args.temperature,
+                        seed=args.seed, eos_id=tokenizer.eos_id)
     texts = [tokenizer.decode(t) for t in run.tokens]
     if args.json:
         print(json.dumps({"texts": texts, "tokens": run.tokens, **run.summary()}, indent=2))
@@ -69,3 +76,19 @@ def run(args: argparse.Namespace) -> int:
         for prompt, text in zip(args.prompt, texts, strict=True):
             print(f"> {prompt}\n{text}\n")
     return 0
+
+
+def _layer_ahead(path: str | None):
+    """The ``--layer-ahead`` setting: None (off), "" (defaults) or a YAML file with a layer_ahead: section."""
+    if path is None:
+        return None
+    from moeless_jax.config import load_config
+    from moeless_jax.replication import LayerAhead, LayerAheadConfig
+
+    config = load_config(LayerAheadConfig, path, section="layer_ahead") if path else LayerAheadConfig()
+    if config.forecaster != "gate_reuse":
+        from moeless_jax.errors import InputError
+
+        raise InputError(f"--layer-ahead: forecaster '{config.forecaster}' needs a fitted predictor, which "
+                         "moeless generate does not load; use gate_reuse here, or LayerAhead in Python")
+    return LayerAhead(config)

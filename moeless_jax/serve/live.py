@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from moeless_jax.model.transformer import ModelOutput, MoETransformer, generate
-from moeless_jax.replication import ControllerConfig, ReplicationController
+from moeless_jax.replication import ControllerConfig, LayerAhead, ReplicationController
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,15 @@ class LiveRun:
 
     tokens: the new tokens of each prompt. balancedness: ``[steps, L]`` mean / max tokens per device of each
     step (prefill first) and layer, measured from the layers' slot counts. seconds: wall time of the run.
-    controller: the controller's summary (None without one).
+    controller: the controller's summary (None without one). weight_copies: ``[steps, L]`` slot weights
+    copied inside each step by layer-ahead replication (zeros without it).
     """
 
     tokens: list[list[int]]
     balancedness: np.ndarray
     seconds: float
     controller: dict[str, Any] | None
+    weight_copies: np.ndarray | None = None
 
     def summary(self) -> dict[str, Any]:
         per_layer = self.balancedness.mean(axis=0)
@@ -42,6 +44,9 @@ class LiveRun:
             "balancedness_per_layer": per_layer.round(4).tolist(),
             "seconds": self.seconds,
             "controller": self.controller,
+            "layer_ahead_weight_copies": (
+                None if self.weight_copies is None else int(self.weight_copies.sum())
+            ),
         }
 
 
@@ -58,25 +63,31 @@ def generate_live(
     max_new_tokens: int,
     *,
     controller: ControllerConfig | None = None,
+    layer_ahead: LayerAhead | None = None,
     temperature: float = 0.0,
     seed: int = 0,
     eos_id: int | None = None,
 ) -> LiveRun:
-    """Generate with ``controller`` driving the model's replica tables (None: the tables stay as they are)."""
+    """Generate with ``controller`` driving the model's replica tables between steps and ``layer_ahead``
+    inside them (either, both or neither: None leaves the tables as they are)."""
     live = None if controller is None else ReplicationController(model, controller)
     devices = model.moe_layers()[0].config.num_devices
     slot_counts: list[Any] = []
+    copies: list[Any] = []
 
     def on_step(out: ModelOutput) -> None:
         slot_counts.append(out.slot_counts)
+        copies.append(out.weight_copies)
         if live is not None:
             live.observe(out.expert_counts, out.slot_counts)
 
     start = time.perf_counter()
     tokens = generate(model, prompt_ids, max_new_tokens, temperature=temperature, seed=seed, eos_id=eos_id,
-                      on_step=on_step)
+                      on_step=on_step, layer_ahead=layer_ahead)
     if live is not None:
         live.flush()
     seconds = time.perf_counter() - start
     balance = np.stack([device_balancedness(np.asarray(c), devices) for c in slot_counts])
-    return LiveRun(tokens, balance, seconds, None if live is None else live.summary())
+    per_step = np.stack([np.asarray(c).sum(axis=1) for c in copies])  # [steps, L]
+    return LiveRun(tokens, balance, seconds, None if live is None else live.summary(),
+                   per_step if layer_ahead is not None else None)
