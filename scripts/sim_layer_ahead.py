@@ -39,10 +39,11 @@ calibration's ``mixtral`` fit).
 
 Output, per batch kind, expert size (``dsv2lite``, ``mixtral``) and layer-time variant (``rows``, ``padded``):
 ``net_ms_per_layer`` (MoE layers + exposed copies + forecast/plan overhead, per layer), ``moe_layer_ms_mean``,
-``exposed_move_ms_per_layer``, ``bytes_moved_per_layer_step``, ``layer_ahead_vs_<baseline>`` (the baseline's
-net time over layer-ahead's), and ``min_tokens_per_device_to_pay[expert][variant][vs_<baseline>]``: where on
-the token-budget sweep layer-ahead starts (and stops) beating EPLB, EPLB kept fixed, and static EP. The means
-leave out the first ``--warmup`` batches of every stream.
+``exposed_move_ms_per_layer``, ``bytes_moved_per_layer_step``, ``layer_ahead_vs_<baseline>`` (layer-ahead's
+net time over the baseline's, < 1 faster), and
+``min_tokens_per_device_to_pay[expert][variant][vs_<baseline>]``: where on the token-budget sweep layer-ahead
+starts (and stops) beating EPLB, EPLB kept fixed, and static EP. The means leave out the first ``--warmup``
+batches of every stream.
 
 Usage (any machine; no accelerator needed):
   python scripts/sim_layer_ahead.py --data-dir DATA [--out-dir results/layer_ahead] [--quick]
@@ -429,12 +430,12 @@ def evaluate(stream: dict, model, args, layout) -> dict:
                                                else 0.0 for n in POLICIES},
             }
             la = net["layer_ahead"]
-            entry |= {"layer_ahead_vs_eplb_balanced": net["eplb"] / la,
-                      "layer_ahead_vs_eplb_fixed": net["eplb_fixed"] / la,
-                      "layer_ahead_vs_per_step": net["per_step"] / la,
-                      "layer_ahead_vs_static": net["static"] / la,
-                      "layer_ahead_vs_oracle": net["oracle"] / la,
-                      "layer_ahead_perfect_vs_eplb_balanced": net["eplb"] / net["layer_ahead_perfect"]}
+            entry |= {"layer_ahead_vs_eplb_balanced": la / net["eplb"],
+                      "layer_ahead_vs_eplb_fixed": la / net["eplb_fixed"],
+                      "layer_ahead_vs_per_step": la / net["per_step"],
+                      "layer_ahead_vs_static": la / net["static"],
+                      "layer_ahead_vs_oracle": la / net["oracle"],
+                      "layer_ahead_perfect_vs_eplb_balanced": net["layer_ahead_perfect"] / net["eplb"]}
             by_timing[timing] = entry
         out[shape] = {"expert_bytes": expert_bytes, **by_timing}
     return out
@@ -505,6 +506,7 @@ def main(argv=None) -> int:
                   "warmup": warmup}
         results[name] = evaluate(stream, model, args, layout)
     summary = summarise(results, args, layout, model, time.perf_counter() - started)
+    summary = {**headline(summary, args.out_dir), **summary}
     note = ("simulated with the latency model calibrated on an H200: expert compute measured (fits), "
             "RoutingOnly forecast time measured, local copy rate measured; all-to-all and link copies "
             "modelled (NVLink constants); on-device plan time assumed; tables, splits and forecasts "
@@ -515,6 +517,39 @@ def main(argv=None) -> int:
     print(f"wrote {path} and {args.out_dir / 'summary.png'} in {time.perf_counter() - started:.0f} s")
     print_table(summary)
     return 0
+
+
+HEADLINE_STREAM, HEADLINE_SHAPE, HEADLINE_TIMING = "window_16s", "dsv2lite", "padded"
+
+
+def headline(summary: dict, out_dir: Path) -> dict:
+    """The figures the layer-ahead results lead with: simulated ratios at the default settings (16-s windows,
+    DeepSeek-V2-Lite experts, the capacity kernel's time as it runs today; ``rows``: a kernel whose time
+    follows rows) and, from the measured parts beside this file when they exist, the planner's quality
+    (``plan_quality.json``) and in-step device time on the H200 (``timing_gpu.json``); None until measured."""
+    entry = summary[HEADLINE_STREAM][HEADLINE_SHAPE]
+    out = {"headline_setting": f"{HEADLINE_STREAM}, {HEADLINE_SHAPE} experts, {HEADLINE_TIMING} layer time, "
+                               f"copy budget {summary['setup']['max_moves_per_device']} per device",
+           "bytes_moved_per_layer_step": entry[HEADLINE_TIMING]["bytes_moved_per_layer_step"]["layer_ahead"]}
+    for timing in ("padded", "rows"):
+        suffix = "" if timing == HEADLINE_TIMING else f"_{timing}"
+        for base in ("eplb_balanced", "eplb_fixed", "per_step", "static", "oracle"):
+            out[f"layer_ahead_vs_{base}{suffix}"] = entry[timing][f"layer_ahead_vs_{base}"]
+    out["method_ratios"] = "simulated"
+    quality, timing = _read_json(out_dir / "plan_quality.json"), _read_json(out_dir / "timing_gpu.json")
+    layout = f"{summary['setup']['devices']}x{summary['setup']['slots_per_device']}"
+    out["plan_quality_vs_host"] = None if quality is None else quality["plan_quality_vs_host"].get(layout)
+    out["plan_quality_source"] = None if quality is None else quality.get("provenance")
+    gpu = timing is not None and "H200" in str(timing.get("provenance", {}).get("device", ""))
+    out["on_device_plan_us_per_layer_h200"] = timing["on_device_plan_us_per_layer"] if gpu else None
+    out["forecast_plan_overhead_pct_8192"] = timing.get("forecast_plan_overhead_pct_8192") if gpu else None
+    return out
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def summarise(results: dict, args, layout, model, seconds: float) -> dict:
@@ -570,7 +605,7 @@ def summarise(results: dict, args, layout, model, seconds: float) -> dict:
             "tables_splits_forecasts": "computed on the host from the real traces",
         },
         "policies": list(POLICIES),
-        "ratios": "layer_ahead_vs_Y = Y's net ms / layer_ahead's net ms (> 1: layer-ahead is faster); net = "
+        "ratios": "layer_ahead_vs_Y = layer_ahead's net ms / Y's net ms (< 1: layer-ahead is faster); net = "
                   "MoE layers + exposed copies + forecast/plan overhead, per layer",
     }
     summary |= results
@@ -585,6 +620,7 @@ def summarise(results: dict, args, layout, model, seconds: float) -> dict:
 
 
 def _ratio(result: dict, shape: str, timing: str, base: str) -> float:
+    """Layer-ahead's speed-up over ``base`` (> 1: it pays), what :func:`threshold` reads."""
     net = result[shape][timing]["net_ms_per_layer"]
     return net[base] / net["layer_ahead"]
 
@@ -593,8 +629,8 @@ def print_table(summary: dict) -> None:
     streams = [k for k in summary if k.startswith(("window_", "budget_"))]
     for shape in SHAPES:
         for timing in TIMINGS:
-            print(f"\n{shape} / {timing}: net ms per layer; layer-ahead's speed-up over eplb, eplb_fixed, "
-                  "per_step")
+            print(f"\n{shape} / {timing}: net ms per layer; layer-ahead's ms over eplb's, eplb_fixed's, "
+                  "per_step's")
             for s in streams:
                 e = summary[s][shape][timing]
                 cells = " ".join(f"{p}={e['net_ms_per_layer'][p]:.3f}" for p in POLICIES)

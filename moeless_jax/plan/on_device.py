@@ -393,14 +393,17 @@ def _within_budget(plan, previous, load, num_devices, max_moves):
     the budget (never worse than ``previous`` on ``load``): the best of the partial plans that take each
     device's hottest ``k <= max_moves`` copies, then greedy budget-respecting steps."""
     fits = (moves_per_device(previous, plan, num_devices) <= max_moves).all()
-    old = previous.reshape(num_devices, -1)
-    table = _best_partial(plan.reshape(num_devices, -1), old, load, max_moves)
-    table = _repeat(_BUDGET_STEPS, lambda t: _budget_step(t, old, load, max_moves), table)
-    table = table.reshape(-1)
-    peak = table_device_loads(table, load, num_devices).max()
-    worse = peak > table_device_loads(previous, load, num_devices).max()
-    table = jnp.where(worse, previous, table)
-    return jnp.where(fits, plan, table)
+
+    def improve_previous(plan):
+        old = previous.reshape(num_devices, -1)
+        table = _best_partial(plan.reshape(num_devices, -1), old, load, max_moves)
+        table = _repeat(_BUDGET_STEPS, lambda t: _budget_step(t, old, load, max_moves), table)
+        table = table.reshape(-1)
+        peak = table_device_loads(table, load, num_devices).max()
+        return jnp.where(peak > table_device_loads(previous, load, num_devices).max(), previous, table)
+
+    # A branch, not a select: a step whose plan fits its budget skips the repair (under vmap both run).
+    return jax.lax.cond(fits, lambda plan: plan, improve_previous, plan)
 
 
 def _best_partial(plan, old, load, max_moves):
