@@ -117,7 +117,7 @@ def run_way(way: str, path, mesh, token_batches, args, fitted: dict):
         # The same copy budget per layer as layer-ahead's (N per device), so both may move as much.
         config = ControllerConfig(policy="moeless", split=layer_config.split,
                                   max_moves_per_layer=args.max_moves * layer_config.num_devices)
-        controller = ReplicationController(model, config)
+        controller = ReplicationController(model, config, tables_change_in_step=way == "both")
     ahead = fitted.get(way)
     if way in ("layer_ahead", "both"):
         ahead = LayerAhead(LayerAheadConfig(max_moves_per_device=args.max_moves, min_tokens_per_device=0))

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = [
     pytest.param(doc, index, code, id=f"{doc}-{index}")
-    for doc in ("README.md", "docs/models.md", "docs/training.md")
+    for doc in ("README.md", "docs/models.md", "docs/training.md", "docs/layer_ahead.md")
     for index, code in enumerate(re.findall(r"```python\n(.*?)```", (ROOT / doc).read_text(), re.S))
 ]
 

@@ -51,19 +51,26 @@ def _hot_model(mesh):
     return model
 
 
-def test_layer_ahead_and_controller_together_keep_the_tokens():
-    """Layer-ahead inside the prefill (8 tokens per device; the 1-token decode steps decline) and the
-    controller between steps, on one model."""
+def test_layer_ahead_and_controller_together_keep_the_tokens_and_the_weights():
+    """Layer-ahead inside every step (min_tokens_per_device=0) and the controller between steps, on one
+    model: the controller must copy from the tables layer-ahead left, so every slot holds its expert."""
+    from moeless_jax.moe import materialize_slot_weights
     from moeless_jax.replication import LayerAhead, LayerAheadConfig
 
     mesh = make_ep_mesh(8)
-    static = generate_live(_hot_model(mesh), PROMPTS, 10)
-    live = generate_live(_hot_model(mesh), PROMPTS, 10,
-                         controller=ControllerConfig(policy="moeless", max_moves_per_layer=3),
-                         layer_ahead=LayerAhead(LayerAheadConfig(min_tokens_per_device=2)))
+    static = generate_live(_hot_model(mesh), PROMPTS, 6)
+    model = _hot_model(mesh)
+    controller = ControllerConfig(policy="moeless", max_moves_per_layer=3)
+    live = generate_live(model, PROMPTS, 6, controller=controller,
+                         layer_ahead=LayerAhead(LayerAheadConfig(min_tokens_per_device=0)))
     assert live.tokens == static.tokens
-    assert live.weight_copies.shape == (10, 2)
-    assert live.weight_copies[0, 0] == 0 and live.weight_copies[0, 1] > 0  # prefill: layer 1 moved
-    assert live.weight_copies[1:].sum() == 0  # decode steps declined
+    assert live.weight_copies.shape == (6, 2) and live.weight_copies[:, 0].sum() == 0
+    assert live.weight_copies[:, 1].sum() > 0 and live.controller["slots_moved"] > 0
+    for layer in model.moe_layers():
+        table = layer.replica_table()
+        want = materialize_slot_weights(layer.logical_experts(), table)
+        filled = table.slot_to_expert >= 0
+        for got, ref in zip(layer.experts.weights(), want, strict=True):
+            np.testing.assert_array_equal(np.asarray(got)[filled], np.asarray(ref)[filled])
     assert live.summary()["layer_ahead_weight_copies"] == int(live.weight_copies.sum())
     assert static.weight_copies is None and static.summary()["layer_ahead_weight_copies"] is None

@@ -180,7 +180,10 @@ class ReplicationController:
     model: a :class:`ReplicatedModel`; all its layers must share ``(E, D, S)`` and the config's ``split``.
     forecaster: defaults to ``config.forecaster()`` (history window or EMA). on_moves: called as
     ``on_moves(layer_index, plan)`` after each ``set_table``, e.g. to move optimizer state with the weights.
-    The policy starts from the tables the layers hold.
+    The policy starts from the tables the layers hold. tables_change_in_step: something else changes the
+    layers' tables inside steps too (layer-ahead replication); the controller then reads the tables back from
+    the layers before each re-plan (which waits for the step in flight) instead of trusting its own record,
+    so its copies always start from what the layers hold.
     """
 
     def __init__(
@@ -189,6 +192,8 @@ class ReplicationController:
         config: ControllerConfig,
         forecaster: Forecaster | None = None,
         on_moves: Callable[[int, MovePlan], None] | None = None,
+        *,
+        tables_change_in_step: bool = False,
     ):
         if not isinstance(config, ControllerConfig):
             raise InputError(f"config: expected a ControllerConfig, got {type(config).__name__}")
@@ -211,6 +216,7 @@ class ReplicationController:
         self.layout = _shared_layout(layers)
         _check_split(layers, config.split)
         self.forecaster, self.on_moves = forecaster, on_moves
+        self.tables_change_in_step = tables_change_in_step
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -218,11 +224,7 @@ class ReplicationController:
         """Forget observed steps, queued counts, the forecaster's history and the log; start again from the
         tables the layers hold now (nothing is moved)."""
         layout, config = self.layout, self.config
-        self._tables = [layer.replica_table() for layer in self.layers]
-        for index, table in enumerate(self._tables):
-            if (table.num_experts, table.num_devices, table.slots_per_device) != _layout_key(layout):
-                raise InputError(f"layer {index}: replica_table() has layout {table!r}, not the layer's")
-        self._slot_to_expert = np.stack([t.slot_to_expert for t in self._tables]).astype(np.int64)
+        self._read_tables()
         self.policy: Policy = make_policy(
             config.policy,
             layout,
@@ -237,6 +239,14 @@ class ReplicationController:
         self._log = ReplicationLog()
         self._dispatched = 0
         self._observed = 0
+
+    def _read_tables(self) -> None:
+        """Take the tables the layers hold as the controller's record."""
+        self._tables = [layer.replica_table() for layer in self.layers]
+        for index, table in enumerate(self._tables):
+            if (table.num_experts, table.num_devices, table.slots_per_device) != _layout_key(self.layout):
+                raise InputError(f"layer {index}: replica_table() has layout {table!r}, not the layer's")
+        self._slot_to_expert = np.stack([t.slot_to_expert for t in self._tables]).astype(np.int64)
 
     @property
     def tables(self) -> list[ReplicaTable]:
@@ -358,6 +368,9 @@ class ReplicationController:
         if forecast is None:
             return False, 0.0, 0.0
         forecast = self.policy.check(np.asarray(forecast, np.float64), "forecast")
+        if self.tables_change_in_step:
+            self._read_tables()
+            self.policy.adopt(self._slot_to_expert)
         proposed = self._propose(forecast)
         current = self._slot_to_expert
         layout = self.layout

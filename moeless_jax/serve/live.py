@@ -70,7 +70,9 @@ def generate_live(
 ) -> LiveRun:
     """Generate with ``controller`` driving the model's replica tables between steps and ``layer_ahead``
     inside them (either, both or neither: None leaves the tables as they are)."""
-    live = None if controller is None else ReplicationController(model, controller)
+    live = None
+    if controller is not None:
+        live = ReplicationController(model, controller, tables_change_in_step=layer_ahead is not None)
     devices = model.moe_layers()[0].config.num_devices
     slot_counts: list[Any] = []
     copies: list[Any] = []
