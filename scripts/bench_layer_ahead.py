@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--d-ff", type=int, default=1408)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--layers", type=int, default=26, help="layers planned per timed call")
-    p.add_argument("--max-moves", type=int, default=2)
+    p.add_argument("--max-moves", type=int, default=4)
     p.add_argument("--tokens-per-device", type=int, nargs="+", default=[512, 8192, 65536])
     p.add_argument("--repeats", type=int, default=20)
     return p.parse_args(argv)

@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=16, help="prompts per prefill batch")
     p.add_argument("--width", type=int, default=64, help="tokens per prompt (cut or padded)")
     p.add_argument("--batches", type=int, default=8)
-    p.add_argument("--max-moves", type=int, default=2, help="layer-ahead copies per device, layer and step")
+    p.add_argument("--max-moves", type=int, default=4, help="layer-ahead copies per device, layer and step")
     p.add_argument("--train-prompts", type=int, default=256, help="TRAIN prompts to fit on")
     return p.parse_args(argv)
 

@@ -88,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibration", type=Path, default=Path("results/gpu/calibration-h200.json"))
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--slots-per-device", type=int, default=10)
-    p.add_argument("--max-moves-per-device", type=int, default=2, help="layer-ahead copy budget N")
+    p.add_argument("--max-moves-per-device", type=int, default=4, help="layer-ahead copy budget N")
     p.add_argument("--plan-ms", type=float, default=0.020,
                    help="on-device planning time per layer (assumed target, not measured)")
     p.add_argument("--windows", type=float, nargs="+", default=[16.0, 1.0], help="arrival windows (s)")

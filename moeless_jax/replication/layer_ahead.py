@@ -52,9 +52,10 @@ __all__ = [
 FORECASTERS = ("gate_reuse", "gate_copies", "routing_only")
 
 # Tokens per device below which the mode declines: where it starts to beat static EP in the simulation of
-# results/layer_ahead (DeepSeek-V2-Lite experts on the H200 calibration, about 1,570). See
-# LayerAheadConfig.min_tokens_per_device.
-DEFAULT_MIN_TOKENS_PER_DEVICE = 1600
+# results/layer_ahead (DeepSeek-V2-Lite experts, H200 calibration, copy budget 4) under both layer-time
+# variants (about 250 with the capacity kernel as it runs today, about 1,350 with a kernel whose time follows
+# rows). See LayerAheadConfig.min_tokens_per_device.
+DEFAULT_MIN_TOKENS_PER_DEVICE = 1400
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class LayerAheadConfig:
     """
 
     forecaster: str = "gate_reuse"
-    max_moves_per_device: int = 2
+    max_moves_per_device: int = 4
     min_tokens_per_device: int = DEFAULT_MIN_TOKENS_PER_DEVICE
 
     def __post_init__(self) -> None:
