@@ -2,6 +2,7 @@
 as the host planner."""
 
 from functools import cache, partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from moeless_jax.errors import InputError
 from moeless_jax.moe import ReplicaTable
-from moeless_jax.plan import SlotLayout, make_policy, scale_min_max, tokens_per_device
+from moeless_jax.plan import MoElessConfig, SlotLayout, make_policy, scale_min_max, tokens_per_device
 from moeless_jax.plan.on_device import (
     moves_per_device,
     place_rounds,
@@ -248,8 +249,40 @@ def skewed_loads(rng, experts, top_k, tokens, batches):
 ])
 def test_on_device_and_host_planners_meet_the_same_quality_bar(experts, devices, slots, top_k):
     loads = skewed_loads(np.random.default_rng(0), experts, top_k, 4096, 12)
+    host_ratio, device_ratio = quality_ratios(loads, experts, devices, slots)
+    assert host_ratio <= 1.01 and device_ratio <= 1.01
+
+
+RECORDED = Path(__file__).resolve().parent / "data" / "recorded_loads.npz"  # scripts/make_test_loads.py
+
+
+# Loads our shipped models routed on held-out prompts (12 prefill batches, layers 1-3, tables carried per
+# layer), host planner filling every slot as the on-device one does (cv_target 0). Measured, layers 1/2/3:
+# mixtral_tiny host 1.0000 / 1.0003 / 1.0008, on-device 1.0009 / 1.0006 / 1.0000; deepseek_tiny host
+# 1.0035 / 1.0045 / 1.0024, on-device 1.0009 / 1.0013 / 1.0014.
+@pytest.mark.parametrize(("model", "devices", "slots"), [("mixtral_tiny", 8, 2), ("deepseek_tiny", 8, 10)])
+def test_both_planners_meet_the_bar_on_recorded_loads(model, devices, slots):
+    loads = np.load(RECORDED)[model]  # [batches, L, E]
+    for layer in range(1, loads.shape[1]):
+        host_ratio, device_ratio = quality_ratios(loads[:, layer], loads.shape[2], devices, slots,
+                                                  MoElessConfig(cv_target=0.0))
+        assert host_ratio <= 1.01 and device_ratio <= 1.01, (layer, host_ratio, device_ratio)
+
+
+def test_the_papers_cv_stop_leaves_mixtral_slots_empty_on_recorded_loads():
+    """The host planner's default stop (CV of replica loads <= 0.2, the paper's) adds no replica once the CV
+    is low enough, so on 8 experts x 2 slots per device it leaves slots empty and the peak 17-19 % higher
+    (layers 2 and 3) than planners that fill the slots; a cost knob, not a bug (fewer replicas held)."""
+    loads = np.load(RECORDED)["mixtral_tiny"]
+    host_ratio, _ = quality_ratios(loads[:, 3], 8, 8, 2)
+    assert host_ratio > 1.1
+
+
+def quality_ratios(loads, experts, devices, slots, config=None) -> tuple[float, float]:
+    """Mean over ``loads [B, E]`` of each planner's max device load / the better planner's, both starting from
+    the static table and carrying their own (host: MoEless with ``config``, default the paper's)."""
     layout = SlotLayout(experts, devices, slots)
-    host = make_policy("moeless", layout, 1)
+    host = make_policy("moeless", layout, 1, moeless=config or MoElessConfig())
     plan = planner(devices, slots)  # one layer at a time, batched as in the tests above
     previous = host.static.astype(np.int32)[None]
     host_peak, device_peak = [], []
@@ -261,8 +294,7 @@ def test_on_device_and_host_planners_meet_the_same_quality_bar(experts, devices,
         device_peak.append(peak(table, load, devices))
         previous = table[None]
     best = np.minimum(host_peak, device_peak)
-    assert np.mean(np.array(host_peak) / best) <= 1.01
-    assert np.mean(np.array(device_peak) / best) <= 1.01
+    return float(np.mean(np.array(host_peak) / best)), float(np.mean(np.array(device_peak) / best))
 
 
 # ------------------------------------------------------------------------------------------ bad input
