@@ -43,7 +43,7 @@ def test_layer_demo_rejects_a_bad_config(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_model_demo_generates_the_same_tokens_with_the_controller_on():
+def test_model_demo_generates_the_same_tokens_with_the_controller_and_layer_ahead_on():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     done = subprocess.run(
         [sys.executable, "-m", "moeless_jax.cli", "demo", "--json", "--prompt", "Write a short poem.",
@@ -62,6 +62,8 @@ def test_model_demo_generates_the_same_tokens_with_the_controller_on():
     assert len(static["balancedness_per_layer"]) == len(live["balancedness_per_layer"]) == 4
     assert live["controller"]["slots_moved"] > 0
     assert live["balancedness_mean"] > static["balancedness_mean"]
+    ahead = report["layer_ahead"]
+    assert ahead["layer_ahead_weight_copies"] > 0 and len(ahead["balancedness_per_layer"]) == 4
 
 
 def test_generate_rejects_an_empty_prompt_in_one_line():
