@@ -16,15 +16,21 @@ Method = Literal["measured", "emulated", "simulated", "computed"]
 METHODS = ("measured", "emulated", "simulated", "computed")
 
 
+# What a result's code is: changes here mark a result dirty; results/, docs and tests do not.
+SOURCE_PATHS = ("moeless_jax", "scripts", "configs", "pyproject.toml")
+
+
 def _git_commit() -> str | None:
-    """Short commit of the checkout, with ``+dirty`` when tracked files differ from it (the result then comes
-    from the commit that records those changes, or from none)."""
+    """Short commit of the checkout, with ``+dirty`` when tracked source files (:data:`SOURCE_PATHS`) differ
+    from it (the result then comes from the commit that records those changes, or from none). Rewritten
+    results, docs or tests do not count: a script that rewrites ``results/`` while another runs must not mark
+    the next one dirty."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False
         )
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *SOURCE_PATHS],
             capture_output=True, text=True, timeout=5, check=False,
         )
     except (OSError, subprocess.SubprocessError):

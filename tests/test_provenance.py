@@ -33,3 +33,33 @@ def test_written_results_carry_the_source_digest(tmp_path):
     info = json.loads(path.read_text())["provenance"]
     assert info["source_sha256"] == source_digest()
     assert info["method"] == "computed" and info["device"] == "cpu"
+
+
+def test_rewritten_results_do_not_mark_a_result_dirty(tmp_path):
+    import subprocess
+
+    from moeless_jax.provenance import _git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "a@b.c")
+    git("config", "user.name", "t")
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "scripts" / "run.py").write_text("x = 1\n")
+    (tmp_path / "results" / "out.json").write_text("{}\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "one")
+    import os
+
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        (tmp_path / "results" / "out.json").write_text('{"a": 1}\n')
+        assert not _git_commit().endswith("+dirty")
+        (tmp_path / "scripts" / "run.py").write_text("x = 2\n")
+        assert _git_commit().endswith("+dirty")
+    finally:
+        os.chdir(here)
