@@ -11,7 +11,7 @@ from flax import nnx
 
 from moeless_jax.config import ConfigError, load_config
 from moeless_jax.errors import InputError
-from moeless_jax.model import ModelConfig, MoESection, MoETransformer, generate
+from moeless_jax.model import ModelConfig, MoESection, MoETransformer
 from moeless_jax.moe import (
     MoEConfig,
     MoEParams,
@@ -230,17 +230,6 @@ def test_model_routing_only_forecaster_runs_in_step(model_runs, mesh):
     with pytest.raises(InputError, match="fitted for 4 layers"):
         LayerAhead(LayerAheadConfig("routing_only"), routing_only=RoutingOnly(1).initialise(4, 16, 2)
                    ).check_stack(model.moe_layers())
-
-
-def test_generate_with_layer_ahead_gives_the_same_tokens(mesh):
-    """Prefill (16 tokens per device) replicates layer-ahead; decode steps (1 per device) decline."""
-    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7], [9] * 10, [3, 1]]
-    want = generate(_model(mesh), prompts, 3)
-    model = _model(mesh)
-    before = _slot_tables(model)
-    ahead = LayerAhead(LayerAheadConfig(min_tokens_per_device=2))
-    assert generate(model, prompts, 3, layer_ahead=ahead) == want
-    assert not np.array_equal(_slot_tables(model)[1], before[1])
 
 
 def test_config_validation_and_yaml(tmp_path):
