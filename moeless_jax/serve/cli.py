@@ -75,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         for prompt, text in zip(args.prompt, texts, strict=True):
             print(f"> {prompt}\n{text}\n")
+        if layer_ahead is not None:
+            limit = layer_ahead.config.min_tokens_per_device
+            print(f"layer-ahead: {int(run.weight_copies.sum())} slot weights copied inside the steps (steps "
+                  f"under {limit} tokens per device keep their tables)")
     return 0
 
 
