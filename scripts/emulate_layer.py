@@ -112,10 +112,10 @@ def plan_tables(loads: np.ndarray, forecast: np.ndarray, args):
 def slot_tokens(policy: str, split: str, table: np.ndarray, loads: np.ndarray, layout) -> np.ndarray:
     """``[P]`` tokens per slot for one layer call."""
     from moeless_jax.moe.split import host_slot_tokens
+    from moeless_jax.plan.metrics import spread_evenly
 
     if policy == "oracle":
-        total, num_slots = int(loads.sum()), layout.num_slots
-        return total // num_slots + (np.arange(num_slots) < total % num_slots)
+        return spread_evenly(int(loads.sum()), layout.num_slots)
     return host_slot_tokens(table, loads, num_devices=layout.num_devices, split=split)
 
 

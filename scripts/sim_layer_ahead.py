@@ -265,7 +265,7 @@ def on_device_tables(forecast: np.ndarray, static: np.ndarray, layout, max_moves
 
 def check_tables(tables: dict[str, np.ndarray], layout, max_moves: int) -> None:
     """Every table servable; the layer-ahead ones within their copy budget per device."""
-    from moeless_jax.plan.budget import check_table
+    from moeless_jax.plan.budget import check_table, copies
 
     kw = dict(num_experts=layout.num_experts, num_devices=layout.num_devices,
               slots_per_device=layout.slots_per_device)
@@ -274,8 +274,7 @@ def check_tables(tables: dict[str, np.ndarray], layout, max_moves: int) -> None:
             check_table(array[index], name=f"{name} table {index}", **kw)
     for name in ("layer_ahead", "layer_ahead_perfect"):
         array = tables[name]
-        previous = np.concatenate([tables["static"][:1], array[:-1]])
-        copied = ((array != previous) & (array >= 0)).reshape(*array.shape[:2], layout.num_devices, -1)
+        copied = copies(_previous(tables, name), array).reshape(*array.shape[:2], layout.num_devices, -1)
         worst = int(copied.sum(-1).max())
         if worst > max_moves:
             raise RuntimeError(f"{name}: a device received {worst} copies, over the budget {max_moves}")
@@ -285,13 +284,12 @@ def check_tables(tables: dict[str, np.ndarray], layout, max_moves: int) -> None:
 def slot_rows(tables: dict[str, np.ndarray], loads: np.ndarray, layout) -> dict[str, np.ndarray]:
     """``[B, L, P]`` rows each slot computes per policy, balanced split (oracle: the same rows everywhere)."""
     from moeless_jax.moe.split import host_slot_tokens
+    from moeless_jax.plan.metrics import spread_evenly
 
     out = {}
     for name in POLICIES:
         if name == "oracle":
-            total = loads.sum(-1, keepdims=True)
-            slot = np.arange(layout.num_slots)
-            out[name] = total // layout.num_slots + (slot < total % layout.num_slots)
+            out[name] = spread_evenly(loads.sum(-1), layout.num_slots)
         else:
             out[name] = host_slot_tokens(tables[name], loads, num_devices=layout.num_devices,
                                          split="balanced")
@@ -333,8 +331,7 @@ def copy_count_arrays(tables: dict[str, np.ndarray], layout) -> dict[str, dict[s
 
     out = {}
     for name in MOVING:
-        array = tables[name]
-        previous = np.concatenate([tables["static"][:1], array[:-1]])
+        array, previous = tables[name], _previous(tables, name)
         fields = {f: np.zeros((*array.shape[:2], layout.num_devices), np.int64)
                   for f in ("local", "received", "sent")}
         for index in np.ndindex(array.shape[:2]):
@@ -441,10 +438,14 @@ def evaluate(stream: dict, model, args, layout) -> dict:
     return out
 
 
-def _changed(tables: dict[str, np.ndarray], name: str) -> np.ndarray:
+def _previous(tables: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """``[B, L, P]`` the table each batch of policy ``name`` replaced (the first batch: the static table)."""
     array = tables[name]
-    previous = np.concatenate([tables["static"][:1], array[:-1]])
-    return (array != previous).any(-1)  # [B, L]
+    return np.concatenate([tables["static"][:1], array[:-1]])
+
+
+def _changed(tables: dict[str, np.ndarray], name: str) -> np.ndarray:
+    return (tables[name] != _previous(tables, name)).any(-1)  # [B, L]
 
 
 def threshold(points: list[tuple[float, float]]) -> dict:

@@ -13,7 +13,19 @@ import numpy as np
 
 from moeless_jax.errors import InputError
 
-__all__ = ["check_table", "copies", "limit_moves"]
+__all__ = ["check_table", "copies", "limit_moves", "slot_array"]
+
+
+def slot_array(slot_to_expert, *, num_devices: int, slots_per_device: int, name: str = "table") -> np.ndarray:
+    """``slot_to_expert`` as an int64 ``[P]`` array if it has the layout's shape and holds integers, else
+    :class:`InputError` naming ``name`` (the shape and type half of :func:`check_table`)."""
+    table = np.asarray(slot_to_expert)
+    num_slots = num_devices * slots_per_device
+    if table.shape != (num_slots,):
+        raise InputError(f"{name}: has shape {table.shape}, expected ({num_slots},) = devices x slots")
+    if table.dtype == np.bool_ or table.dtype.kind not in "iu":
+        raise InputError(f"{name}: must hold integer expert ids, got dtype {table.dtype}")
+    return table.astype(np.int64)
 
 
 def check_table(
@@ -24,13 +36,7 @@ def check_table(
     Servable: every entry in ``-1..E-1``, every expert on at least one slot, no device holding two replicas
     of one expert (the rules of :class:`moeless_jax.moe.ReplicaTable`, checked without jax).
     """
-    table = np.asarray(slot_to_expert)
-    num_slots = num_devices * slots_per_device
-    if table.shape != (num_slots,):
-        raise InputError(f"{name}: has shape {table.shape}, expected ({num_slots},) = devices x slots")
-    if table.dtype == np.bool_ or table.dtype.kind not in "iu":
-        raise InputError(f"{name}: must hold integer expert ids, got dtype {table.dtype}")
-    table = table.astype(np.int64)
+    table = slot_array(slot_to_expert, num_devices=num_devices, slots_per_device=slots_per_device, name=name)
     bad = np.flatnonzero((table < -1) | (table >= num_experts))
     if bad.size:
         p = int(bad[0])

@@ -55,6 +55,14 @@ def slot_loads(slot_to_expert: np.ndarray, expert_loads: np.ndarray) -> np.ndarr
     return np.where(filled, share, 0).reshape(slot_to_expert.shape)
 
 
+def spread_evenly(total, parts: int) -> np.ndarray:
+    """Integer ``total [...]`` spread over ``parts`` places as evenly as integers allow: ``[..., parts]``,
+    each ``total // parts`` and the first ``total % parts`` one more (what an Oracle that ignores the gate
+    gives every device or slot)."""
+    total = np.asarray(total)[..., None]
+    return total // parts + (np.arange(parts) < total % parts)
+
+
 def tokens_per_device(
     slot_to_expert: np.ndarray, expert_loads: np.ndarray, num_devices: int, split: str = "even"
 ) -> np.ndarray:

@@ -43,7 +43,7 @@ from moeless_jax.errors import InputError
 from moeless_jax.plan.config import EPLBConfig, MoElessConfig, ReplicateConfig, SlotLayout, TokenDropConfig
 from moeless_jax.plan.eplb import rebalance_experts
 from moeless_jax.plan.loads import check_loads
-from moeless_jax.plan.metrics import balancedness, check_split, tokens_per_device
+from moeless_jax.plan.metrics import balancedness, check_split, spread_evenly, tokens_per_device
 from moeless_jax.plan.placer import place_checked, place_replicas
 from moeless_jax.plan.scaler import cv_counts
 from moeless_jax.plan.tables import align_slots, repair_anti_affinity, static_slot_to_expert
@@ -340,8 +340,7 @@ class Oracle(Policy):
         num_devices = self.layout.num_devices
         total = loads.sum(-1)  # [L]
         if loads.dtype.kind in "iu":
-            device = np.arange(num_devices)
-            tokens = total[:, None] // num_devices + (device[None, :] < total[:, None] % num_devices)
+            tokens = spread_evenly(total, num_devices)
         else:
             tokens = np.repeat(total[:, None] / num_devices, num_devices, axis=1)
         return Outcome(tokens, np.zeros(self.num_layers, np.int64))

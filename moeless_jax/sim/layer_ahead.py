@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moeless_jax.errors import InputError
+from moeless_jax.plan.budget import slot_array
 
 __all__ = [
     "CopyCounts",
@@ -175,12 +176,7 @@ def _pair(layer_ms, move_ms) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _table(table, name: str, num_devices: int, slots_per_device: int) -> np.ndarray:
-    array = np.asarray(table)
-    num_slots = num_devices * slots_per_device
-    if array.shape != (num_slots,):
-        raise InputError(f"{name}: has shape {array.shape}, expected ({num_slots},) = devices x slots")
-    if array.dtype == np.bool_ or array.dtype.kind not in "iu":
-        raise InputError(f"{name}: must hold integer expert ids, got dtype {array.dtype}")
+    array = slot_array(table, num_devices=num_devices, slots_per_device=slots_per_device, name=name)
     if np.any(array < -1):
         raise InputError(f"{name}: expert ids must be >= -1 (-1 marks an empty slot)")
-    return array.astype(np.int64)
+    return array
