@@ -92,7 +92,7 @@ def run_demo(config: ModelDemoConfig) -> dict:
 
     path = shipped_checkpoint(config.checkpoint) if config.checkpoint in SHIPPED else Path(config.checkpoint)
     tokenizer = default_tokenizer()
-    prompt_ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in config.prompts]
+    prompt_ids = tokenizer.encode_prompts(config.prompts)
     mesh = make_ep_mesh(config.num_devices, devices)
     runs = {}
     for name in ("static", "controller", "layer_ahead") if config.layer_ahead else ("static", "controller"):

@@ -51,21 +51,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def encode(documents, width: int) -> list[list[int]]:
-    from moeless_jax.model.tokenizer import default_tokenizer
-
-    tokenizer = default_tokenizer()
-    return [[tokenizer.bos_id, *tokenizer.encode(d)][:width] for d in documents]
-
-
 def batches(corpus, args) -> list:
     import numpy as np
+
+    from moeless_jax.model.tokenizer import default_tokenizer
 
     documents = corpus.heldout[: args.rows * args.batches]
     if len(documents) < args.rows * args.batches:
         raise SystemExit(f"only {len(documents)} held-out documents; lower --rows or --batches")
     rows = np.zeros((len(documents), args.width), np.int32)  # padded with id 0, which loads experts too
-    for i, ids in enumerate(encode(documents, args.width)):
+    for i, ids in enumerate(default_tokenizer().encode_prompts(documents, args.width)):
         rows[i, : len(ids)] = ids
     return [rows[i : i + args.rows] for i in range(0, len(rows), args.rows)]
 
@@ -78,11 +73,12 @@ def fitted_forecasters(path, mesh, corpus, args) -> dict:
 
     from moeless_jax.model import load_model
     from moeless_jax.model.record import record_trace
+    from moeless_jax.model.tokenizer import default_tokenizer
     from moeless_jax.predict import MoElessPredictor, RoutingOnly, RoutingOnlyConfig
     from moeless_jax.replication import LayerAhead, LayerAheadConfig
 
     model = load_model(path, mesh=mesh)
-    ids = encode(corpus.train[: args.train_prompts], args.width)
+    ids = default_tokenizer().encode_prompts(corpus.train[: args.train_prompts], args.width)
     groups = [list(range(i, min(i + args.rows, len(ids)))) for i in range(0, len(ids), args.rows)]
     fit = record_trace(model, ids, batches=groups, progress=True, desc="record train prompts")
     kernels = np.stack([np.asarray(layer.router[...], np.float32) for layer in model.moe_layers()])

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = default_tokenizer()
     documents = load_corpus(args.data_dir).heldout[: args.batch * args.batches]
-    prompts = [[tokenizer.bos_id, *tokenizer.encode(d)[: args.prompt_tokens - 1]] for d in documents]
+    prompts = tokenizer.encode_prompts(documents, args.prompt_tokens)
     batches = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
     mesh = make_ep_mesh(args.devices, devices)
     summary = {"devices": args.devices, "batch": args.batch, "batches": len(batches),

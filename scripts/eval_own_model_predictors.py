@@ -95,7 +95,7 @@ def checkpoints(specs: list[str]) -> list[tuple[str, Path]]:
 
 def encode(docs, tokenizer, max_len: int) -> tuple[list[list[int]], int]:
     """BOS + tokens of each document, truncated to ``max_len``; also how many were truncated."""
-    ids = [[tokenizer.bos_id, *row] for row in tokenizer.encode_batch(list(docs))]
+    ids = tokenizer.encode_prompts(docs)
     return [row[:max_len] for row in ids], sum(len(row) > max_len for row in ids)
 
 

@@ -44,8 +44,7 @@ def main(argv=None) -> int:
     tokenizer = default_tokenizer()
     documents = load_corpus(args.data_dir).heldout[: args.rows * args.batches]
     rows = np.zeros((len(documents), args.width), np.int32)
-    for i, document in enumerate(documents):
-        ids = [tokenizer.bos_id, *tokenizer.encode(document)][: args.width]
+    for i, ids in enumerate(tokenizer.encode_prompts(documents, args.width)):
         rows[i, : len(ids)] = ids
     mesh = make_ep_mesh(args.devices, devices)
     step = nnx.jit(lambda model, tokens: model(tokens).expert_counts)

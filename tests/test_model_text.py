@@ -320,3 +320,12 @@ def test_shipped_tokenizer():
     ids = tok.encode(text)
     assert len(ids) < len(text) / 2.5  # trained on English prompts: several bytes per token
     assert tok.decode(ids) == text
+
+
+def test_encode_prompts_puts_bos_first_and_cuts_bos_included():
+    tok = default_tokenizer()
+    texts = ["Explain a hash table.", "Hi"]
+    assert tok.encode_prompts(texts) == [[tok.bos_id, *tok.encode(t)] for t in texts]
+    cut = tok.encode_prompts(texts, 3)
+    assert cut[0] == [tok.bos_id, *tok.encode(texts[0])][:3] and len(cut[0]) == 3
+    assert cut[1] == [tok.bos_id, *tok.encode("Hi")][:3]

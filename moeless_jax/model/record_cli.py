@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(path, mesh=make_ep_mesh(args.devices, devices))
     tokenizer = default_tokenizer()
     longest = model.config.max_seq_len
-    encoded = [[tokenizer.bos_id, *ids] for ids in tokenizer.encode_batch(list(docs))]
+    encoded = tokenizer.encode_prompts(docs)
     prompts = [ids[:longest] for ids in encoded]
     batches = batches_from_arrivals(arrivals, len(prompts), window_s=args.window_s)
     start = time.perf_counter()

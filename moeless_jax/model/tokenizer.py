@@ -74,6 +74,11 @@ class Tokenizer:
         encodings = self._backend.encode_batch(texts, add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
 
+    def encode_prompts(self, texts: Sequence[str], max_len: int | None = None) -> list[list[int]]:
+        """Model prompts: BOS, then each text's ids; cut to ``max_len`` tokens (BOS included) when given."""
+        prompts = [[self.bos_id, *ids] for ids in self.encode_batch(texts)]
+        return prompts if max_len is None else [prompt[:max_len] for prompt in prompts]
+
     def decode(self, ids: Sequence[int]) -> str:
         """The text of ``ids``; special tokens are skipped."""
         ids = [int(i) for i in ids]

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     controller = None
     if args.replication:
         controller = ControllerConfig(policy=args.replication, split=model.moe_layers()[0].config.split)
-    prompt_ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in args.prompt]
+    prompt_ids = tokenizer.encode_prompts(args.prompt)
     run = generate_live(model, prompt_ids, args.max_new_tokens, controller=controller,
                         layer_ahead=layer_ahead, temperature=args.temperature,
                         seed=args.seed, eos_id=tokenizer.eos_id)
