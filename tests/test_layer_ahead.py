@@ -48,16 +48,8 @@ def _static_tables():
 
 
 def _params(routers, logical, tables):
-    return [MoEParams(r, materialize_slot_weights_arrays(w, t), None)
+    return [MoEParams(r, materialize_slot_weights(w, t), None)
             for r, w, t in zip(routers, logical, tables, strict=True)]
-
-
-def materialize_slot_weights_arrays(logical, table):
-    """Differentiable ``[E, ...] -> [P, ...]`` for table arrays (zeros in empty slots)."""
-    index = jnp.maximum(table.slot_to_expert, 0)
-    filled = table.slot_to_expert >= 0
-    return jax.tree.map(lambda w: jnp.where(filled.reshape((-1,) + (1,) * (w.ndim - 1)), w[index], 0),
-                        logical)
 
 
 @pytest.fixture(scope="module")

@@ -16,19 +16,24 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moeless_jax.moe.experts import MLPWeights
-from moeless_jax.moe.replica_table import ReplicaTable
+from moeless_jax.moe.replica_table import ReplicaTable, TableArrays
 
 
-def materialize_slot_weights(logical: MLPWeights, table: ReplicaTable) -> MLPWeights:
-    """Logical expert weights ``[E, ...]`` -> physical slot weights ``[P, ...]`` (empty slots are zero)."""
+def materialize_slot_weights(logical: MLPWeights, table: ReplicaTable | TableArrays) -> MLPWeights:
+    """Logical expert weights ``[E, ...]`` -> physical slot weights ``[P, ...]`` (empty slots are zero).
+
+    ``table``: a :class:`ReplicaTable`, or its :class:`TableArrays` (then also inside jit, as data).
+    Differentiable in ``logical``.
+    """
     num_experts = logical.gate.shape[0]
-    if num_experts != table.num_experts:
+    table_experts = table.replica_count.shape[0]
+    if num_experts != table_experts:
         raise ValueError(
-            f"logical weights hold {num_experts} experts but the table has {table.num_experts}; "
+            f"logical weights hold {num_experts} experts but the table has {table_experts}; "
             "build the table for the same model"
         )
-    index = jnp.asarray(np.maximum(table.slot_to_expert, 0))
-    filled = jnp.asarray(table.slot_to_expert >= 0)
+    index = jnp.maximum(jnp.asarray(table.slot_to_expert), 0)
+    filled = jnp.asarray(table.slot_to_expert) >= 0
 
     def gather(w: jax.Array) -> jax.Array:
         mask = filled.reshape((-1,) + (1,) * (w.ndim - 1))
