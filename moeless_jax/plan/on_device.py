@@ -64,9 +64,6 @@ _WARM_STEPS = 8
 _WARM_MATCHING = 3
 _RELABEL_ROUNDS = 4
 _BUDGET_STEPS = 16
-# Loops compile to XLA while loops (short programs, quick to compile); unrolling them instead trades compile
-# time for a straight-line program.
-_UNROLL = False
 
 
 def plan_on_device(
@@ -134,11 +131,8 @@ def _repeat(steps: int, step, value):
 
 
 def _loop(steps: int, body, value):
-    """``body(k, value)`` for ``k = 0 .. steps - 1``: one loop in the compiled program, or unrolled."""
-    if _UNROLL:
-        for k in range(steps):
-            value = body(k, value)
-        return value
+    """``body(k, value)`` for ``k = 0 .. steps - 1`` as one XLA while loop (a short program, quick to compile;
+    ``fori_loop``'s ``unroll`` would trade compile time for a straight-line program)."""
     return jax.lax.fori_loop(0, steps, body, value)
 
 
